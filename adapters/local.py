@@ -1,0 +1,279 @@
+"""The local engine: the embedded default, no cluster, one process per core.
+
+Worker processes are started with the ``spawn`` method (fork after torch has started
+threads is unsafe) and live as long as the executor, so what a step caches per process
+(the model, a store handle, a training shard) is built once. Each worker has its own
+queue, which is what lets ``affinity`` send a training shard back to the process that
+already holds it. A worker that dies is restarted and its task run again: core steps are
+idempotent, so nothing is lost or counted twice.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import traceback
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Iterator, Sequence
+
+from deeptransfer.errors import InvalidParameterError, check_int
+
+#: glibc malloc settings for workers: keep large freed blocks in the heap instead of
+#: returning them to the OS, so each forward pass does not page-fault its activations in
+#: again (a third of CPU time otherwise; see docs/benchmarks.md). Only applied to processes
+#: this engine starts, and only when the user has not set GLIBC_TUNABLES.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+
+_env_lock = threading.Lock()
+
+
+class TaskError(RuntimeError):
+    """A task raised in a worker; the worker's traceback is in the message."""
+
+
+def _worker_main(conn: Connection, threads: int) -> None:
+    # Thread counts must be set before torch/numba start their pools.
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    shared_by_job: dict[int, Any] = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg[0] == "stop":
+            return
+        _, job, fn, index, task, has_shared, shared = msg
+        if has_shared:
+            shared_by_job.clear()  # one job at a time: drop the previous job's broadcast
+            shared_by_job[job] = shared
+        try:
+            result = fn(task, shared_by_job.get(job))
+            conn.send(("ok", index, result))
+        except BaseException as exc:  # noqa: BLE001 - reported to the driver, not swallowed
+            tb = traceback.format_exc()
+            try:
+                conn.send(("err", index, (exc, tb)))
+            except Exception:  # the exception itself does not pickle
+                conn.send(("err", index, (None, tb)))
+
+
+class _Worker:
+    def __init__(self, ctx: Any, slot: int, threads: int, env: dict[str, str]):
+        self.slot = slot
+        parent, child = ctx.Pipe()
+        with _env_lock:  # a spawned child copies os.environ at start
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                self.proc = ctx.Process(target=_worker_main, args=(child, threads),
+                                        name=f"deeptransfer-worker-{slot}", daemon=True)
+                self.proc.start()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        child.close()
+        self.conn = parent
+        self.job_with_shared: int | None = None
+        self.busy: int | None = None  # task index in flight
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(("stop",))
+        except Exception:
+            pass
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        self.conn.close()
+
+
+class LocalExecutor:
+    """Run the core's steps in ``n_workers`` local processes (``n_workers=0``: in this process).
+
+    ``threads_per_worker`` defaults to the cores divided among the workers. ``max_retries``
+    bounds how often one task is re-run after its worker died.
+    """
+
+    name = "local"
+
+    def __init__(self, n_workers: int | None = None, *, threads_per_worker: int | None = None,
+                 max_retries: int = 2, malloc_tunables: bool = True):
+        cores = os.cpu_count() or 1
+        self.n_workers = cores if n_workers is None else check_int(
+            "workers", n_workers, low=0, where="the local engine")
+        self.threads_per_worker = threads_per_worker or max(1, cores // max(1, self.n_workers))
+        check_int("threads_per_worker", self.threads_per_worker, low=1, where="the local engine")
+        self.max_retries = check_int("max_retries", max_retries, low=0)
+        self._env: dict[str, str] = {}
+        if malloc_tunables and "GLIBC_TUNABLES" not in os.environ:
+            self._env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+        self._ctx = mp.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self._job = 0
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._closed:
+            raise RuntimeError("This LocalExecutor is closed.")
+        while len(self._workers) < self.n_workers:
+            self._workers.append(_Worker(self._ctx, len(self._workers), self.threads_per_worker,
+                                         self._env))
+
+    def _restart(self, w: _Worker) -> _Worker:
+        try:
+            w.stop()
+        except Exception:
+            pass
+        nw = _Worker(self._ctx, w.slot, self.threads_per_worker, self._env)
+        self._workers[w.slot] = nw
+        return nw
+
+    def close(self) -> None:
+        for w in self._workers:
+            w.stop()
+        self._workers = []
+        self._closed = True
+
+    def __enter__(self) -> "LocalExecutor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalExecutor(n_workers={self.n_workers}, threads_per_worker={self.threads_per_worker})"
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers (started on first use); tests kill them."""
+        self._ensure_started()
+        return [w.proc.pid for w in self._workers]
+
+    # -- the primitives -----------------------------------------------------------------------
+    def map_unordered(self, fn: Callable[..., Any], tasks: Sequence[Any], *,
+                      shared: Any = None) -> Iterator[tuple[int, Any]]:
+        return self._run(fn, list(tasks), shared, None)
+
+    def map_reduce(self, fn: Callable[..., Any], tasks: Sequence[Any],
+                   combine: Callable[[Any, Any], Any], *, shared: Any = None,
+                   affinity: Sequence[int] | None = None) -> Any:
+        tasks = list(tasks)
+        if not tasks:
+            raise InvalidParameterError("map_reduce needs at least one task.")
+        if affinity is not None and len(affinity) != len(tasks):
+            raise InvalidParameterError("affinity must give one worker slot per task.")
+        results: list[Any] = [None] * len(tasks)
+        for i, r in self._run(fn, tasks, shared, affinity):
+            results[i] = r
+        return tree_combine(results, combine)
+
+    def _run(self, fn: Callable[..., Any], tasks: list[Any], shared: Any,
+             affinity: Sequence[int] | None) -> Iterator[tuple[int, Any]]:
+        if self.n_workers == 0:
+            for i, t in enumerate(tasks):
+                yield i, fn(t, shared)
+            return
+        self._ensure_started()
+        self._job += 1
+        job = self._job
+        n = len(self._workers)
+        # per-slot queues when pinned, one shared queue otherwise
+        queues: list[deque[int]] = [deque() for _ in range(n)]
+        common: deque[int] = deque()
+        for i in range(len(tasks)):
+            (queues[affinity[i] % n] if affinity is not None else common).append(i)
+        retries = [0] * len(tasks)
+        remaining = len(tasks)
+
+        def feed(w: _Worker) -> None:
+            q = queues[w.slot] if queues[w.slot] else common
+            if w.busy is not None or not q:
+                return
+            i = q.popleft()
+            send_shared = w.job_with_shared != job
+            w.conn.send(("run", job, fn, i, tasks[i], send_shared, shared if send_shared else None))
+            w.job_with_shared = job
+            w.busy = i
+
+        try:
+            for w in list(self._workers):
+                feed(w)
+            while remaining:
+                conns = {w.conn: w for w in self._workers if w.busy is not None}
+                if not conns:  # pragma: no cover - defensive: nothing in flight but work left
+                    raise RuntimeError("local engine: tasks left but no worker is running one")
+                for conn in wait(list(conns), timeout=1.0) or []:
+                    w = conns[conn]
+                    try:
+                        kind, i, payload = conn.recv()
+                    except (EOFError, OSError, ConnectionError):
+                        # the worker died mid-task: restart it and run the task again
+                        i = w.busy
+                        assert i is not None
+                        retries[i] += 1
+                        if retries[i] > self.max_retries:
+                            raise TaskError(f"task {i} lost its worker {retries[i]} times "
+                                            f"(killed or out of memory?)")
+                        w = self._restart(w)
+                        (queues[w.slot] if affinity is not None else common).appendleft(i)
+                        feed(w)
+                        continue
+                    w.busy = None
+                    if kind == "err":
+                        exc, tb = payload
+                        self._drain()
+                        if isinstance(exc, Exception) and not isinstance(exc, (TaskError,)):
+                            raise exc from TaskError(tb)
+                        raise TaskError(tb)
+                    remaining -= 1
+                    feed(w)
+                    yield i, payload
+                for w in list(self._workers):  # a worker that died while idle in wait()
+                    if w.busy is not None and not w.proc.is_alive() and not w.conn.poll():
+                        i = w.busy
+                        retries[i] += 1
+                        if retries[i] > self.max_retries:
+                            raise TaskError(f"task {i} lost its worker {retries[i]} times")
+                        w = self._restart(w)
+                        (queues[w.slot] if affinity is not None else common).appendleft(i)
+                        feed(w)
+        finally:
+            if remaining:
+                self._drain()
+
+    def _drain(self) -> None:
+        """Wait out tasks still in flight after an error or an abandoned iterator."""
+        for w in list(self._workers):
+            if w.busy is None:
+                continue
+            try:
+                if w.conn.poll(60):
+                    w.conn.recv()
+                    w.busy = None
+                    continue
+            except (EOFError, OSError):
+                pass
+            self._restart(w)
+
+
+def tree_combine(results: list[Any], combine: Callable[[Any, Any], Any]) -> Any:
+    """Pairwise reduction in task order: the same tree on every run."""
+    level = list(results)
+    while len(level) > 1:
+        nxt = [combine(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]

@@ -1,0 +1,37 @@
+"""Probe steps for checking an engine: the conformance tests and `deeptransfer doctor` use them.
+
+They live in the package (not in tests/) because an engine's worker processes, a
+``dask worker`` or a Spark executor, import steps by module name.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping
+
+
+def probe(task: Any, shared: Any) -> dict[str, Any]:
+    """Echo a task with the worker's pid; ``task`` may ask to sleep, fail or die (once).
+
+    ``task`` is an int or a mapping with keys ``value``, ``sleep`` (seconds), ``fail``
+    (raise ValueError), ``die_once`` (a marker-file path: the first attempt kills its worker
+    process without cleanup, later attempts succeed).
+    """
+    t: Mapping[str, Any] = task if isinstance(task, Mapping) else {"value": task}
+    if t.get("sleep"):
+        time.sleep(float(t["sleep"]))
+    marker = t.get("die_once")
+    if marker and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(17)  # a crash, not an exception: the engine must notice and rerun the task
+    if t.get("fail"):
+        raise ValueError(f"probe task {t.get('value')!r} failed on purpose")
+    return {"value": t.get("value"), "shared": shared, "pid": os.getpid()}
+
+
+def add_values(a: Any, b: Any) -> Any:
+    """The associative combine of probe results used by map_reduce checks."""
+    va = a["value"] if isinstance(a, dict) else a
+    vb = b["value"] if isinstance(b, dict) else b
+    return va + vb

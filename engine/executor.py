@@ -1,0 +1,55 @@
+"""The scheduling primitives an engine implements; everything else is written once on top.
+
+featurize, the parameter-averaging loop and evaluation call only these methods, so the
+local, Dask and Spark engines run the same core steps and cannot drift apart (the way
+fsspec derives everything from a few abstract primitives). An adapter is one small file.
+
+Functions passed to an executor are module-level functions of the core with picklable
+arguments: tasks carry small specs (paths, row ranges, parameters), never models or images;
+workers load those themselves and cache them per process.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """An engine: where and how the core's pure steps run."""
+
+    #: engine name as given to ``engine=...`` ("local", "dask", "spark", ...)
+    name: str
+    #: number of parallel workers (processes) the engine schedules onto
+    n_workers: int
+
+    def map_unordered(self, fn: Callable[..., R], tasks: Sequence[T], *,
+                      shared: Any = None) -> Iterator[tuple[int, R]]:
+        """Run ``fn(task, shared)`` for every task; yield ``(task_index, result)`` as each finishes.
+
+        Tasks are independent and idempotent: an engine may retry a failed task or run one
+        twice (speculation, a dead worker); the core's steps are written so that is harmless.
+        ``shared`` is sent to each worker once (a broadcast), not once per task.
+        """
+        ...
+
+    def map_reduce(self, fn: Callable[..., R], tasks: Sequence[T], combine: Callable[[R, R], R], *,
+                   shared: Any = None, affinity: Sequence[int] | None = None) -> R:
+        """``combine`` over ``fn(task, shared)`` for all tasks, as a tree where the engine can.
+
+        ``combine`` is associative and commutative. ``affinity[i]`` asks that task ``i`` runs
+        on worker slot ``affinity[i] % n_workers`` every time it is given, so that data the
+        task caches in its worker process (a training shard) is found there again; engines
+        that cannot pin tasks ignore it.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release what the engine started (processes, clusters). Idempotent."""
+        ...
+
+    def __enter__(self) -> "Executor": ...
+
+    def __exit__(self, *exc: object) -> None: ...

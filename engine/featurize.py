@@ -1,0 +1,341 @@
+"""The featurize step: images -> frozen truncated CNN -> rows of the Zarr feature store.
+
+``featurize_chunk`` is the one task every engine runs; ``run_featurize`` is the driver,
+which only plans (scan, split, create the store, list unfinished chunks) and counts.
+Images and features never pass through the driver.
+"""
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .dataset import Manifest
+from .errors import InvalidParameterError, StoreError, check_choice, check_int
+from .executor import Executor
+from .store import cached_store, create_store, forget_cached_stores
+
+
+@dataclass(frozen=True)
+class FeaturizeSpec:
+    """Everything a worker needs for any chunk of one job: broadcast once, never a model."""
+
+    store_url: str
+    model: Any  # deeptransfer.models.ModelSpec, layer resolved
+    storage_options: tuple = ()  # sorted (key, value) pairs: hashable
+    batch_size: int = 16
+    compile: bool = False
+    device: str = "cpu"
+    precision: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.storage_options)
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk task reports back: counts and timings, no features."""
+
+    chunk: int
+    n_ok: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    read_seconds: float = 0.0
+    preprocess_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+# -- per worker process: the model is built once from its spec and reused -------------------
+class _Runner:
+    """A frozen backbone with its preprocessing and a reused input buffer."""
+
+    def __init__(self, spec: FeaturizeSpec):
+        import torch
+
+        from .models import create_backbone
+
+        self.device = torch.device(spec.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            from .errors import EngineUnavailableError
+
+            raise EngineUnavailableError(
+                "device='cuda' was asked for but torch sees no CUDA GPU on this worker. "
+                "Run on a GPU machine, or use device='cpu'.")
+        self.backbone = create_backbone(spec.model)
+        self.pp = self.backbone.preprocess
+        self.feature_dim = self.backbone.feature_dim
+        self.batch_size = spec.batch_size
+        module: Any = self.backbone.to(self.device).to(memory_format=torch.channels_last)
+        self.dtype = torch.float32
+        if self.device.type == "cuda":
+            self.dtype = {"float16": torch.float16, "float32": torch.float32}.get(
+                spec.precision, torch.bfloat16)
+        if spec.compile:
+            # static shapes: every batch is padded to batch_size so this compiles once
+            module = torch.compile(module, dynamic=False)
+        self.module = module
+        crop = self.pp.crop
+        # one input buffer per process, reused for every batch: no fresh large allocations
+        # (and page faults) per batch; NHWC, which is channels_last NCHW after a permute
+        self.buffer = np.zeros((self.batch_size, crop, crop, 3), np.float32)
+        if self.device.type == "cuda":
+            self.pinned = torch.from_numpy(self.buffer).pin_memory()
+        self.lock = threading.Lock()
+
+    def forward(self, n: int) -> np.ndarray:
+        """Features of the first ``n`` images in the buffer (the rest is padding)."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(self.buffer).permute(0, 3, 1, 2)
+            if self.device.type == "cuda":
+                self.pinned.copy_(torch.from_numpy(self.buffer))
+                x = self.pinned.permute(0, 3, 1, 2).to(self.device, non_blocking=True)
+                with torch.autocast("cuda", dtype=self.dtype,
+                                    enabled=self.dtype != torch.float32):
+                    out = self.module(x)
+            else:
+                out = self.module(x)
+            return out[:n].float().cpu().numpy()
+
+
+_runners: dict[FeaturizeSpec, _Runner] = {}
+_runners_lock = threading.Lock()
+
+
+def get_runner(spec: FeaturizeSpec) -> _Runner:
+    """The process's runner for a spec (built on first use)."""
+    key = FeaturizeSpec(store_url="", model=spec.model, batch_size=spec.batch_size,
+                        compile=spec.compile, device=spec.device, precision=spec.precision)
+    with _runners_lock:
+        r = _runners.get(key)
+        if r is None:
+            r = _runners[key] = _Runner(spec)
+        return r
+
+
+def read_bytes(path: str, storage_options: Mapping | None = None) -> bytes:
+    """The bytes of one file, local or any fsspec URL."""
+    if "://" not in path or path.startswith("file://"):
+        with open(path.removeprefix("file://"), "rb") as f:
+            return f.read()
+    import fsspec
+
+    with fsspec.open(path, "rb", **dict(storage_options or {})) as f:
+        return f.read()
+
+
+def load_image(path: str, target_short_side: int,
+               storage_options: Mapping | None = None) -> np.ndarray:
+    """Read and decode one image; raises ImageDecodeError or OSError with a reason."""
+    from .kernels import decode_image
+
+    return decode_image(read_bytes(path, storage_options), target_short_side=target_short_side)
+
+
+def _reason(exc: BaseException) -> str:
+    from .kernels import ImageDecodeError
+
+    if isinstance(exc, ImageDecodeError):
+        return exc.reason
+    if isinstance(exc, PermissionError):
+        return "unreadable file: permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "file not found (removed after the scan?)"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory"
+    if isinstance(exc, OSError):
+        return f"unreadable file: {exc.strerror or exc}"
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def preprocess_batch(runner: _Runner, images: list[np.ndarray]) -> list[int]:
+    """Fill the runner's buffer with ``images``; returns indices of images that failed."""
+    from .kernels import resize_crop_normalize
+
+    pp = runner.pp
+    k = len(images)
+    kw = dict(resize=pp.resize, crop=pp.crop, mean=pp.mean, std=pp.std, layout="nhwc")
+    try:
+        # serial kernel: the engine already runs one process per core
+        resize_crop_normalize(images, runner.buffer[:k], parallel=False, **kw)
+        failed: list[int] = []
+    except Exception:
+        # find the one bad image instead of losing the batch
+        failed = []
+        for j, img in enumerate(images):
+            try:
+                resize_crop_normalize([img], runner.buffer[j:j + 1], parallel=False, **kw)
+            except Exception:
+                failed.append(j)
+    if k < runner.batch_size:
+        runner.buffer[k:] = 0.0
+    return failed
+
+
+def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
+    """Featurize the rows of one chunk and write them, then the chunk's done-marker."""
+    t_start = time.perf_counter()
+    store = cached_store(spec.store_url, spec.options, mode="r+")
+    runner = get_runner(spec)
+    paths = store.chunk_paths(chunk)
+    n = len(paths)
+    feats = np.zeros((n, runner.feature_dim), np.float32)
+    ok = np.zeros(n, bool)
+    reasons = [""] * n
+    res = ChunkResult(chunk=chunk, n_ok=0)
+    rows: list[int] = []
+    images: list[np.ndarray] = []
+
+    def flush() -> None:
+        t0 = time.perf_counter()
+        failed = preprocess_batch(runner, images)
+        for j in failed:
+            reasons[rows[j]] = "image could not be resized (degenerate size)"
+        t1 = time.perf_counter()
+        out = runner.forward(len(images))
+        t2 = time.perf_counter()
+        res.preprocess_seconds += t1 - t0
+        res.forward_seconds += t2 - t1
+        good = [j for j in range(len(images)) if j not in failed]
+        idx = np.array([rows[j] for j in good], dtype=np.int64)
+        feats[idx] = out[good]
+        ok[idx] = True
+        rows.clear()
+        images.clear()
+
+    with runner.lock:  # a worker with several threads shares one buffer per model
+        for r, path in enumerate(paths):
+            t0 = time.perf_counter()
+            try:
+                images.append(load_image(path, runner.pp.resize, spec.options))
+                rows.append(r)
+            except Exception as exc:  # noqa: BLE001 - every bad file is skipped with its reason
+                reasons[r] = _reason(exc)
+            res.read_seconds += time.perf_counter() - t0
+            if len(images) == runner.batch_size:
+                flush()
+        if images:
+            flush()
+    bad_out = ok & ~np.isfinite(feats).all(axis=1)
+    for r in np.flatnonzero(bad_out):
+        ok[r] = False
+        reasons[r] = "non-finite features"
+    store.write_chunk(chunk, feats, ok, reasons)
+    res.n_ok = int(ok.sum())
+    res.skipped = [(paths[r], reasons[r]) for r in range(n) if not ok[r]]
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+# -- the driver ----------------------------------------------------------------------------
+@dataclass
+class FeaturizeReport:
+    """The summary at the end of a featurize run."""
+
+    store: str
+    images: int
+    featurized: int
+    skipped: list[tuple[str, str]]
+    computed_now: int
+    seconds: float
+    images_per_second: float
+    store_bytes: int
+    engine: str
+    model: dict
+    feature_dim: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in the store: what made these features."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("deeptransfer", "torch", "numpy", "numba", "zarr", "simplejpeg", "pillow"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, model: Any,
+                  batch_size: int = 16, dtype: str = "float32", chunk_rows: int = 256,
+                  compile: bool = False, device: str = "cpu", precision: str = "auto",
+                  seed: int = 0, split_config: Mapping[str, Any] | None = None,
+                  storage_options: Mapping | None = None, overwrite: bool = False,
+                  progress: bool | Callable[[ChunkResult], None] = True) -> FeaturizeReport:
+    """Create (or resume) the store for ``manifest`` and featurize its unfinished chunks."""
+    from .models import ModelSpec, get_model_info
+
+    check_int("batch_size", batch_size, low=1, where="featurize")
+    check_int("chunk_rows", chunk_rows, low=1, where="featurize")
+    check_choice("precision", precision, ("auto", "float32", "bfloat16", "float16"), where="featurize")
+    if store_url.startswith("memory://") and executor.n_workers > 0:
+        raise StoreError(
+            "An in-memory store (memory://) cannot be written by worker processes: each has "
+            "its own memory. Give a path or a shared fsspec URL (s3://, gs://, ...).")
+    spec_in = model if isinstance(model, ModelSpec) else ModelSpec(name=str(model))
+    info = get_model_info(spec_in.name)
+    layer = spec_in.layer or info.default_layer
+    if layer not in info.layers:
+        from .errors import UnknownModelError
+
+        raise UnknownModelError(
+            f"Model {info.name!r} has no layer {layer!r}. Layers: {', '.join(info.layers)}.")
+    mspec = ModelSpec(name=spec_in.name, layer=layer, weights=spec_in.weights)
+    attrs = {
+        "model": mspec.to_dict(), "layer": layer, "preprocess": info.preprocess.to_dict(),
+        "seed": seed, "split_config": dict(split_config or {}), "versions": library_versions(),
+        "batch_size": batch_size,
+    }
+    t0 = time.perf_counter()
+    store = create_store(store_url, manifest, feature_dim=info.layers[layer], attrs=attrs,
+                         dtype=dtype, chunk_rows=chunk_rows, storage_options=storage_options,
+                         overwrite=overwrite)
+    forget_cached_stores()  # a handle cached in this process may predate an overwrite
+    pending = store.pending_chunks()
+    spec = FeaturizeSpec(store_url=store_url, model=mspec,
+                         storage_options=tuple(sorted(dict(storage_options or {}).items())),
+                         batch_size=batch_size, compile=compile, device=device,
+                         precision=precision)
+    todo_rows = sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in pending)
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(manifest), initial=len(manifest) - todo_rows, unit="img",
+                   desc=f"featurize [{executor.name}]", dynamic_ncols=True)
+    for _, res in executor.map_unordered(featurize_chunk, pending, shared=spec):
+        if bar is not None:
+            bar.update(store.chunk_bounds(res.chunk)[1] - store.chunk_bounds(res.chunk)[0])
+        elif callable(progress):
+            progress(res)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    if not store.is_complete():  # pragma: no cover - an engine lost a task without an error
+        raise StoreError(f"featurize finished with chunks missing: {store.pending_chunks()}")
+    skipped = store.skipped()
+    return FeaturizeReport(
+        store=store_url, images=len(manifest), featurized=len(manifest) - len(skipped),
+        skipped=skipped, computed_now=todo_rows, seconds=seconds,
+        images_per_second=todo_rows / seconds if seconds > 0 else 0.0,
+        store_bytes=store.summary()["bytes"], engine=executor.name, model=mspec.to_dict(),
+        feature_dim=info.layers[layer], warnings=list(manifest.warnings))
+
+
+def validate_dtype(dtype: str) -> str:
+    if dtype not in ("float32", "float16"):
+        raise InvalidParameterError(
+            f"The 'dtype' parameter must be one of 'float32', 'float16'. Got {dtype!r} instead.")
+    return dtype
