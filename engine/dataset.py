@@ -99,10 +99,11 @@ def scan(url: str, *, exclude_classes: Sequence[str] = (),
                 continue
             rows.append((parts[0], path, code))
         # class folders with no file at all are reported, not silently dropped
+        with_files = {r[0] for r in rows}
         for d in fs.ls(tree, detail=False):
             name = d.rstrip("/").rsplit("/", 1)[-1]
             if fs.isdir(d) and not name.startswith(".") and name not in excluded and \
-                    not any(r[0] == name for r in rows):
+                    name not in with_files:
                 warnings.append(f"class folder {name!r} holds no files and is left out")
     unknown = excluded - seen_classes
     if unknown:
