@@ -1,0 +1,117 @@
+"""VGG16 in torchvision's layout (``features.N``, ``avgpool``, ``classifier.0/3/6``).
+
+Torchvision-format state dicts load as they are: ``weights=PATH`` (a .pth/.pt/.safetensors
+file or fsspec URL) or torchvision's official file through the torch hub cache. Written in
+torch only because torchvision cannot be imported beside the CPU torch build here (its
+wheels are CUDA builds).
+
+Layers (all but ``logits`` and ``fc*`` globally average pooled):
+  ``conv1_1`` .. ``conv5_3`` -- a convolution's output after its ReLU (as in Keras/DL4J, where
+  the activation belongs to the layer), ``pool1`` .. ``pool5`` -- the max-pool outputs,
+  ``fc1`` and ``fc2`` -- 4096-d outputs after the classifier's ReLU (``fc2`` is the default,
+  as in the original DL4J Caltech-256 transfer learning run), ``logits`` (1000).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import ModelDef, ModelInfo, Preprocess, global_avg_pool, register_model
+from .weights import describe_source, hub_state_dict, load_state_dict_file, load_strict
+
+__all__ = ["VGG", "VGG16_URL", "vgg16"]
+
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"   # torchvision IMAGENET1K_V1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_PREPROCESS = Preprocess(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                 interpolation="bilinear")
+_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512,
+              "M")
+
+
+def _layer_table(cfg: tuple) -> dict[str, tuple[int, int]]:
+    """Layer name -> (index in ``features`` whose output it is, width)."""
+    table, idx, block, conv, ch = {}, 0, 1, 1, 3
+    for v in cfg:
+        if v == "M":
+            table[f"pool{block}"] = (idx, ch)
+            idx, block, conv = idx + 1, block + 1, 1
+        else:
+            ch = int(v)
+            table[f"conv{block}_{conv}"] = (idx + 1, ch)   # conv at idx, its ReLU at idx + 1
+            idx, conv = idx + 2, conv + 1
+    return table
+
+
+class VGG(nn.Module):
+    """torchvision's VGG (no batch norm), truncated at a named layer."""
+
+    def __init__(self, cfg: tuple = _VGG16_CFG, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(cin, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                cin = int(v)
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(0.5),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(0.5),
+            nn.Linear(4096, num_classes))
+        self.table = _layer_table(cfg)
+        self.out_layer = "logits"
+
+    def truncate(self, layer: str) -> None:
+        """Drop the modules after ``layer`` (they are never run, and their memory is freed)."""
+        if layer in self.table:
+            self.features = self.features[:self.table[layer][0] + 1]
+            del self.avgpool, self.classifier
+        elif layer == "fc1":
+            self.classifier = self.classifier[:2]       # Linear, ReLU
+        elif layer == "fc2":
+            self.classifier = self.classifier[:5]       # ..., Linear, ReLU (not the Dropout)
+        elif layer != "logits":
+            raise ValueError(f"unknown layer {layer!r}")  # resolve_layer has checked it
+        self.out_layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        if self.out_layer in self.table:
+            return global_avg_pool(x)
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.classifier(x)
+
+
+def vgg16_layers() -> dict[str, int]:
+    layers = {name: width for name, (_, width) in _layer_table(_VGG16_CFG).items()}
+    layers.update({"fc1": 4096, "fc2": 4096, "logits": 1000})
+    return layers
+
+
+@register_model("vgg16")
+def vgg16() -> ModelDef:
+    """VGG16 (138M params), torchvision weights; default layer fc2 (4096)."""
+    default_source = f"torch hub: {VGG16_URL}"
+    info = ModelInfo(name="vgg16", default_layer="fc2", layers=vgg16_layers(),
+                     preprocess=IMAGENET_PREPROCESS, weights_source=default_source)
+
+    def build(*, layer: str, weights: str | None, pretrained: bool,
+              fold_bn: bool) -> tuple[nn.Module, str]:
+        del fold_bn   # VGG16 has no batch norm
+        if pretrained:   # read the weights first, then build without random init (meta)
+            sd = (load_state_dict_file(weights) if weights is not None
+                  else hub_state_dict(VGG16_URL, model_name="vgg16"))
+            with torch.device("meta"):
+                model = VGG()
+            load_strict(model, sd, model_name="vgg16", source=weights or VGG16_URL)
+        else:
+            model = VGG()
+        model.truncate(layer)
+        return model.eval(), describe_source(weights, default_source, pretrained)
+
+    return ModelDef(info=info, build=build)
