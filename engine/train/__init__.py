@@ -1,0 +1,21 @@
+"""Training a classifier head on stored features with parameter averaging.
+
+- ``heads``: HeadConfig, build_head, the loss;
+- ``optim``: OptimizerConfig, schedules, optimizer state as averageable arrays;
+- ``shards``: which rows each worker trains on, and the per-worker feature cache;
+- ``averaging``: the engine-agnostic steps fit_shard / combine / average;
+- ``loop``: TrainConfig and train_head, the driver loop (checkpoints, validation, early stop);
+- ``plot``: the training chart.
+"""
+from .averaging import RoundState, ShardResult, average, combine, fit_shard
+from .heads import HeadConfig, build_head, head_from_params, head_params, load_params
+from .loop import TrainConfig, TrainResult, load_checkpoint, rounds_per_epoch, train_head
+from .optim import OptimizerConfig, lr_at
+from .shards import ShardTask, partition_rows
+
+__all__ = [
+    "HeadConfig", "OptimizerConfig", "TrainConfig", "TrainResult", "RoundState", "ShardTask",
+    "ShardResult", "build_head", "head_from_params", "head_params", "load_params", "fit_shard",
+    "combine", "average", "train_head", "load_checkpoint", "rounds_per_epoch", "partition_rows",
+    "lr_at",
+]

@@ -1,0 +1,447 @@
+"""The driver loop of parameter-averaged head training (DL4J ParameterAveragingTrainingMaster).
+
+    result = train_head(executor, "features.zarr", TrainConfig(epochs=20), "runs/head")
+
+Per epoch, ``rounds_per_epoch`` averaging rounds: broadcast the parameters (and optimizer
+state) in a ``RoundState``, ``executor.map_reduce(fit_shard, tasks, combine, affinity=...)``
+with one ``ShardTask`` per worker (a spec of its rows, which it reads itself), ``average``,
+checkpoint, next. After the epoch's rounds, the validation split is scored through
+``executor.map_unordered(predict_rows, blocks)``; the head with the best validation score is
+kept, and training stops after ``patience`` epochs without improvement.
+
+Everything random is a function of (seed, epoch, round, worker), and the checkpoint written
+after every round holds the parameters, the optimizer state, the best head and all counters
+(one safetensors file, written to a temporary name and renamed: no pickle, never half
+written). So a killed run, started again with ``resume=True``, continues at the round after
+the last checkpoint and ends with exactly the head an uninterrupted run ends with.
+
+Files in ``out_dir``: ``checkpoint.safetensors``; ``rounds.jsonl`` (one JSON line per round:
+epoch, round, loss, train accuracy, lr, examples, compute seconds of the slowest worker,
+round seconds, overhead = round - compute); ``val_metrics.json`` (the best epoch's
+validation metrics); ``training.png`` (score vs iteration, see ``plot.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InvalidParameterError, StoreError, check_choice, check_float, check_int
+from ..evaluate import cross_entropy, metrics, predict_split
+from ..executor import Executor
+from ..store import open_store
+from .averaging import RoundState, average, combine, fit_shard
+from .heads import (HeadConfig, _check_keys, balanced_class_weights, build_head,
+                    check_class_weights, head_params)
+from .optim import OptimizerConfig, init_state, lr_at
+from .shards import REPARTITION, ShardTask, partition_sizes, store_key
+
+MONITORS = ("top1", "mean_per_class", "loss")
+CHECKPOINT = "checkpoint.safetensors"
+ROUNDS = "rounds.jsonl"
+PLOT = "training.png"
+VAL_METRICS = "val_metrics.json"
+#: the chart is redrawn after an epoch when this long has passed since the last time, and at the end
+PLOT_EVERY_S = 30.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of head training (DL4J's names in brackets)."""
+
+    head: HeadConfig = field(default_factory=HeadConfig)  # the classifier put on the features
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # update rule, lr schedule
+    workers: int | None = None  # parallel workers (numWorkers); None: the engine's n_workers
+    batch_size_per_worker: int = 32  # minibatch of each worker (batchSizePerWorker)
+    averaging_frequency: int = 5  # minibatches per worker between averagings (averagingFrequency)
+    save_updater: bool = True  # average optimizer state too; False: fresh state every round
+    repartition: str = "epoch"  # "epoch": reshuffle into balanced partitions every epoch
+    #                             (Repartition.Always + Balanced); "never": fixed partitions
+    epochs: int = 10  # most epochs (passes over the training split)
+    seed: int = 0  # head initialization, partitions, shuffles and dropout derive from it
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    class_weights: Any = None  # None, "balanced", or one weight per class
+    patience: int | None = 5  # stop after this many epochs without validation improvement
+    monitor: str = "top1"  # validation score for early stopping and the best head
+    min_delta: float = 0.0  # smallest change of the monitored score that counts as better
+    val_block_rows: int = 4096  # rows per validation task
+    cache_bytes: int = 1 << 30  # per worker process: cap of the cached training features
+
+    def __post_init__(self) -> None:
+        w = "TrainConfig"
+        try:
+            object.__setattr__(self, "head", HeadConfig.from_dict(self.head))
+            object.__setattr__(self, "optimizer", OptimizerConfig.from_dict(self.optimizer))
+        except TypeError as exc:
+            if isinstance(exc, InvalidParameterError):
+                raise
+            raise InvalidParameterError(f"Bad head or optimizer options: {exc}") from exc
+        if self.workers is not None:
+            check_int("workers", self.workers, low=1, where=w)
+        check_int("batch_size_per_worker", self.batch_size_per_worker, low=1, where=w)
+        check_int("averaging_frequency", self.averaging_frequency, low=1, where=w)
+        if not isinstance(self.save_updater, bool):
+            raise InvalidParameterError(
+                f"The 'save_updater' parameter of TrainConfig must be a bool. "
+                f"Got {self.save_updater!r} instead.")
+        check_choice("repartition", self.repartition, REPARTITION, where=w)
+        check_int("epochs", self.epochs, low=1, where=w)
+        check_int("seed", self.seed, low=0, where=w)
+        object.__setattr__(self, "label_smoothing",
+                           check_float("label_smoothing", self.label_smoothing, low=0.0, high=0.999,
+                                       where=w))
+        object.__setattr__(self, "class_weights", check_class_weights(self.class_weights))
+        if self.patience is not None:
+            check_int("patience", self.patience, low=1, where=w)
+        check_choice("monitor", self.monitor, MONITORS, where=w)
+        object.__setattr__(self, "min_delta", check_float("min_delta", self.min_delta, low=0.0, where=w))
+        check_int("val_block_rows", self.val_block_rows, low=1, where=w)
+        check_int("cache_bytes", self.cache_bytes, low=0, where=w)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["head"] = self.head.to_dict()
+        d["optimizer"] = self.optimizer.to_dict()
+        if isinstance(self.class_weights, tuple):
+            d["class_weights"] = list(self.class_weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | "TrainConfig") -> "TrainConfig":
+        if isinstance(d, TrainConfig):
+            return d
+        _check_keys(cls, d, "TrainConfig")
+        return cls(**dict(d))
+
+
+@dataclass
+class TrainResult:
+    """What ``train_head`` returns."""
+
+    params: "OrderedDict[str, np.ndarray]"  # the best head (by the validation monitor)
+    last_params: "OrderedDict[str, np.ndarray]"  # the head after the last round
+    classes: list[str]
+    head: HeadConfig
+    feature_dim: int
+    config: TrainConfig  # with workers resolved
+    history: list[dict[str, Any]]  # one entry per epoch
+    best: dict[str, Any] | None  # epoch, iteration and validation scores of the best head
+    best_metrics: dict[str, Any] | None  # full validation metrics of the best head
+    rounds: int  # averaging rounds run, over the whole run
+    rounds_per_epoch: int
+    stopped_early: bool
+    out_dir: str
+
+    def module(self):
+        """The best head as a torch module in eval mode."""
+        from .heads import head_from_params
+
+        return head_from_params(self.head, self.params, in_dim=self.feature_dim,
+                                n_classes=len(self.classes))
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+def rounds_per_epoch(n_train: int, workers: int, batch_size_per_worker: int,
+                     averaging_frequency: int) -> int:
+    """Averaging rounds that take the largest partition through one epoch."""
+    per_round = batch_size_per_worker * averaging_frequency
+    return max(1, -(-max(partition_sizes(n_train, workers)) // per_round))
+
+
+def round_tasks(config: TrainConfig, store_url: str, n_train: int, epoch: int, rnd: int, *,
+                storage_options: Mapping | None = None, key: str = "") -> list[ShardTask]:
+    """The ShardTasks of one round: one per worker that still has rows this epoch."""
+    workers = config.workers or 1
+    per_round = config.batch_size_per_worker * config.averaging_frequency
+    tasks = []
+    for part, size in enumerate(partition_sizes(n_train, workers)):
+        offset = rnd * per_round
+        count = min(per_round, size - offset)
+        if count > 0:
+            tasks.append(ShardTask(store_url=store_url, split="train", seed=config.seed,
+                                   epoch=epoch, n_parts=workers, part=part, offset=offset,
+                                   count=count, repartition=config.repartition,
+                                   storage_options=dict(storage_options or {}), store_key=key,
+                                   cache_bytes=config.cache_bytes))
+    return tasks
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+def save_checkpoint(path: str, state: Mapping[str, Any], params: Mapping[str, np.ndarray],
+                    opt_state: Mapping[str, np.ndarray] | None,
+                    best_params: Mapping[str, np.ndarray] | None) -> None:
+    """Atomically write the training state: one safetensors file (arrays + JSON metadata)."""
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    for prefix, d in (("params/", params), ("opt/", opt_state or {}), ("best/", best_params or {})):
+        for k, v in d.items():
+            tensors[prefix + k] = np.require(v, requirements="C")  # keeps 0-d arrays 0-d
+    meta = dict(state)
+    meta["param_order"] = list(params)
+    meta["opt_order"] = list(opt_state) if opt_state is not None else None
+    meta["has_best"] = best_params is not None
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata={"state": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, Any], "OrderedDict[str, np.ndarray]",
+                                        "OrderedDict[str, np.ndarray] | None",
+                                        "OrderedDict[str, np.ndarray] | None"]:
+    """(state, params, optimizer state or None, best params or None) of a checkpoint."""
+    from safetensors import safe_open
+
+    with safe_open(path, "np") as f:
+        meta = json.loads(f.metadata()["state"])
+        params = OrderedDict((k, f.get_tensor("params/" + k)) for k in meta["param_order"])
+        opt = None
+        if meta["opt_order"] is not None:
+            opt = OrderedDict((k, f.get_tensor("opt/" + k)) for k in meta["opt_order"])
+        best = None
+        if meta["has_best"]:
+            best = OrderedDict((k, f.get_tensor("best/" + k)) for k in meta["param_order"])
+    return meta, params, opt, best
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _truncate_rounds(path: str, keep_below: int) -> None:
+    """Keep the records of rounds the checkpoint holds (a kill may have left one more)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["global_round"] < keep_below]
+    if len(kept) != len(lines):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+def _monitor_value(monitor: str, entry: Mapping[str, Any]) -> float:
+    """Higher is better."""
+    if monitor == "loss":
+        return -float(entry["val_loss"])
+    return float(entry["val_" + monitor])
+
+
+def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping[str, Any] | None,
+               out_dir: str, *, storage_options: Mapping | None = None, resume: bool = True,
+               progress: bool = True, plot: bool = True,
+               callback: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train a head on the store's train split with parameter averaging on ``executor``.
+
+    ``resume=True`` continues the run checkpointed in ``out_dir`` (which must have the same
+    configuration and store) or, with none there, starts one; ``resume=False`` starts over.
+    ``callback(record)`` is called after each round is checkpointed with its rounds.jsonl
+    record; an exception it raises ends training (the run can be resumed). ``plot=False``
+    skips the chart (``training.png``), which otherwise is drawn at the end and at most every
+    ``PLOT_EVERY_S`` seconds after an epoch.
+    """
+    config = TrainConfig() if config is None else TrainConfig.from_dict(config)
+    cfg = replace(config, workers=config.workers or int(executor.n_workers))
+    store = open_store(store_url, storage_options=storage_options)
+    if not store.is_complete():
+        raise StoreError(f"The feature store {store_url!r} is not complete "
+                         f"({len(store.pending_chunks())} chunks missing): run featurize again "
+                         f"to finish it before training.")
+    classes = store.classes
+    n_classes, in_dim = len(classes), store.feature_dim
+    train_rows = store.split_rows("train")
+    n_train = len(train_rows)
+    n_val = len(store.split_rows("val"))
+    if n_train == 0:
+        raise StoreError(f"The feature store {store_url!r} has no training rows: featurize with a "
+                         f"split that has a train part, e.g. --split train=0.7,val=0.1,test=0.2.")
+    class_weights = cfg.class_weights
+    if class_weights == "balanced":
+        labels = np.asarray(store["labels"][:])[train_rows]
+        class_weights = balanced_class_weights(labels, n_classes)
+    elif class_weights is not None and len(class_weights) != n_classes:
+        raise InvalidParameterError(
+            f"The 'class_weights' parameter has {len(class_weights)} weights but the store has "
+            f"{n_classes} classes: give one weight per class, or 'balanced'.")
+    key = store_key(store.attrs)
+    rpe = rounds_per_epoch(n_train, cfg.workers, cfg.batch_size_per_worker, cfg.averaging_frequency)
+    opt_cfg = cfg.optimizer
+    keeps_state = cfg.save_updater and opt_cfg.has_state
+    identity = {"config": cfg.to_dict(), "store_key": key, "n_train": n_train, "n_val": n_val,
+                "classes": classes, "feature_dim": in_dim}
+
+    os.makedirs(out_dir, exist_ok=True)
+    ck_path = os.path.join(out_dir, CHECKPOINT)
+    rounds_path = os.path.join(out_dir, ROUNDS)
+    val_path = os.path.join(out_dir, VAL_METRICS)
+
+    if resume and os.path.exists(ck_path):
+        st, params, opt_state, best_params = load_checkpoint(ck_path)
+        if json.loads(json.dumps(identity)) != st["identity"]:
+            differ = [k for k in identity if json.loads(json.dumps(identity[k])) != st["identity"].get(k)]
+            raise InvalidParameterError(
+                f"{out_dir!r} holds a training run with other settings ({', '.join(differ)} "
+                f"differ), so it cannot be resumed: use another output folder, or resume=False "
+                f"(CLI: --no-resume) to start over there.")
+        _truncate_rounds(rounds_path, st["global_round"])
+    else:
+        head = build_head(cfg.head, in_dim, n_classes, seed=cfg.seed)
+        params = head_params(head)
+        opt_state = init_state(opt_cfg, head) if keeps_state else None
+        best_params = None
+        st = {"identity": identity, "epoch": 0, "round": 0, "global_round": 0, "iteration": 0,
+              "epoch_loss_sum": 0.0, "epoch_examples": 0, "epoch_correct": 0,
+              "history": [], "best": None, "bad_epochs": 0, "done": False,
+              "stopped_early": False}
+        for p in (rounds_path, val_path, os.path.join(out_dir, PLOT)):
+            if os.path.exists(p):
+                os.remove(p)
+        save_checkpoint(ck_path, st, params, opt_state, best_params)
+
+    last_plot = time.perf_counter()
+    bar = None
+    if progress and not st["done"]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs * rpe, initial=st["global_round"], unit="round",
+                   desc="train", dynamic_ncols=True)
+    try:
+        while not st["done"]:
+            epoch = st["epoch"]
+            t_epoch = time.perf_counter()
+            while st["round"] < rpe:
+                rnd = st["round"]
+                tasks = round_tasks(cfg, store_url, n_train, epoch, rnd,
+                                    storage_options=storage_options, key=key)
+                lr = lr_at(opt_cfg, epoch, rnd, rpe, cfg.epochs)
+                shared = RoundState(head=cfg.head, in_dim=in_dim, n_classes=n_classes,
+                                    params=params, optimizer=opt_cfg,
+                                    opt_state=opt_state if keeps_state else None, lr=lr,
+                                    epoch=epoch, round=rnd, seed=cfg.seed,
+                                    batch_size=cfg.batch_size_per_worker,
+                                    save_updater=cfg.save_updater,
+                                    label_smoothing=cfg.label_smoothing,
+                                    class_weights=class_weights)
+                t0 = time.perf_counter()
+                res = executor.map_reduce(fit_shard, tasks, combine, shared=shared,
+                                          affinity=[t.part for t in tasks])
+                params, new_state = average(res)
+                if keeps_state:
+                    opt_state = new_state
+                round_s = time.perf_counter() - t0
+                if res.n_workers != len(tasks):
+                    raise RuntimeError(f"round {rnd} of epoch {epoch}: {res.n_workers} results for "
+                                       f"{len(tasks)} tasks; the engine lost or duplicated a task")
+                record = {
+                    "epoch": epoch, "round": rnd, "global_round": st["global_round"],
+                    "iteration": st["iteration"] + res.steps,
+                    "loss": res.loss_sum / max(res.examples, 1),
+                    "train_accuracy": res.correct / max(res.examples, 1),
+                    "lr": lr, "examples": res.examples, "workers": res.n_workers,
+                    "compute_seconds": res.compute_s, "compute_seconds_total": res.compute_s_sum,
+                    "round_seconds": round_s, "overhead_seconds": max(round_s - res.compute_s, 0.0),
+                }
+                with open(rounds_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                st["round"] += 1
+                st["global_round"] += 1
+                st["iteration"] = record["iteration"]
+                st["epoch_loss_sum"] += res.loss_sum
+                st["epoch_examples"] += res.examples
+                st["epoch_correct"] += res.correct
+                t1 = time.perf_counter()
+                save_checkpoint(ck_path, st, params, opt_state, best_params)
+                record["checkpoint_seconds"] = time.perf_counter() - t1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}",
+                                    acc=f"{record['train_accuracy']:.3f}", refresh=False)
+                if callback is not None:
+                    callback(record)
+
+            # -- end of epoch: validate, keep the best head, maybe stop ----------------------
+            entry: dict[str, Any] = {
+                "epoch": epoch, "iteration": st["iteration"], "global_round": st["global_round"],
+                "train_loss": st["epoch_loss_sum"] / max(st["epoch_examples"], 1),
+                "train_accuracy": st["epoch_correct"] / max(st["epoch_examples"], 1),
+                "lr": lr_at(opt_cfg, epoch, rpe - 1, rpe, cfg.epochs),
+            }
+            val_m = None
+            if n_val:
+                pred = predict_split(executor, store_url, params, cfg.head, "val",
+                                     storage_options=storage_options,
+                                     block_rows=cfg.val_block_rows, cache_bytes=cfg.cache_bytes)
+                val_m = metrics(pred.labels, pred.logits, classes)
+                val_m["loss"] = cross_entropy(pred.labels, pred.logits)
+                entry.update(val_top1=val_m["top1"], val_top5=val_m["top5"],
+                             val_mean_per_class=val_m["mean_per_class"], val_loss=val_m["loss"])
+                score = _monitor_value(cfg.monitor, entry)
+                best = st["best"]
+                improved = best is None or score > best["score"] + cfg.min_delta
+            else:  # no validation split: the last head is the best one
+                score, improved = float("nan"), True
+            entry["seconds"] = time.perf_counter() - t_epoch
+            if improved:
+                best_params = params
+                st["best"] = {"epoch": epoch, "iteration": st["iteration"], "score": score,
+                              "monitor": cfg.monitor,
+                              **{k: v for k, v in entry.items() if k.startswith("val_")}}
+                st["bad_epochs"] = 0
+                if val_m is not None:
+                    _write_json(val_path, val_m)
+            else:
+                st["bad_epochs"] += 1
+            entry["best"] = bool(improved)
+            st["history"].append(entry)
+            st["epoch"] += 1
+            st["round"] = 0
+            st["epoch_loss_sum"], st["epoch_examples"], st["epoch_correct"] = 0.0, 0, 0
+            early = bool(n_val and cfg.patience is not None and st["bad_epochs"] >= cfg.patience)
+            st["stopped_early"] = early and st["epoch"] < cfg.epochs
+            st["done"] = early or st["epoch"] >= cfg.epochs
+            save_checkpoint(ck_path, st, params, opt_state, best_params)
+            if plot and (st["done"] or time.perf_counter() - last_plot > PLOT_EVERY_S):
+                _plot(out_dir, st["history"])
+                last_plot = time.perf_counter()
+            if bar is not None:
+                bar.set_postfix(epoch=epoch, loss=f"{entry['train_loss']:.4f}",
+                                val=f"{entry.get('val_top1', float('nan')):.3f}")
+                if st["done"]:
+                    bar.total = st["global_round"]
+                    bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if plot and not os.path.exists(os.path.join(out_dir, PLOT)):
+        _plot(out_dir, st["history"])
+    best_metrics = None
+    if n_val and os.path.exists(val_path):
+        with open(val_path, encoding="utf-8") as f:
+            best_metrics = json.load(f)
+    return TrainResult(
+        params=best_params if best_params is not None else params, last_params=params,
+        classes=classes, head=cfg.head, feature_dim=in_dim, config=cfg,
+        history=list(st["history"]), best=st["best"], best_metrics=best_metrics,
+        rounds=st["global_round"], rounds_per_epoch=rpe, stopped_early=st["stopped_early"],
+        out_dir=out_dir)
+
+
+def _plot(out_dir: str, history: Sequence[Mapping[str, Any]]) -> None:
+    from .plot import plot_training, read_rounds
+
+    plot_training(read_rounds(os.path.join(out_dir, ROUNDS)), history, os.path.join(out_dir, PLOT))

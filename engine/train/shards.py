@@ -1,0 +1,240 @@
+"""Which training rows each worker owns, and the per-process cache of their features.
+
+A task names its data by a small deterministic spec (``ShardTask``): store url, split, seed,
+epoch, number of partitions, partition, and the offset/count of this round's rows within the
+partition. The worker computes the partition's rows itself (``partition_rows``) from
+``split_rows(split)`` and seeded permutations, so only the spec travels and every engine
+gives every worker the same rows.
+
+Partitions are balanced (sizes differ by at most one; ``partition_sizes``):
+
+- ``repartition="never"``: the train rows are shuffled once (by ``seed``) and split into
+  ``n_parts`` fixed partitions for the whole run; each partition is reshuffled every epoch.
+- ``repartition="epoch"``: every epoch the rows get a new seeded shuffle and are split into
+  balanced partitions again (DL4J's ``Repartition.Always`` with the ``Balanced`` strategy).
+
+Features are read from Zarr by the worker on first use and kept in an LRU cache per worker
+process, capped in bytes (``ShardTask.cache_bytes``; see ``load_round`` for what is kept), so
+across rounds and epochs a worker reads its rows once. Engines pin a partition's tasks to one
+worker (``affinity``) so the cache is hit. When nothing fits under the cap, each round reads
+only its own rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Mapping
+
+import numpy as np
+
+from ..store import cached_store
+
+REPARTITION = ("never", "epoch")
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One worker's share of one averaging round, as a small deterministic spec."""
+
+    store_url: str
+    split: str
+    seed: int
+    epoch: int
+    n_parts: int
+    part: int  # the partition, i.e. the (logical) worker index
+    offset: int  # first position of this round's rows in the partition's epoch order
+    count: int  # number of rows this round (at most batch_size_per_worker * averaging_frequency)
+    repartition: str = "epoch"
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    store_key: str = ""  # identity of the store's contents (see store_key()), part of cache keys
+    cache_bytes: int = 1 << 30  # cap of the worker process's feature cache
+
+
+def store_key(attrs: Mapping[str, Any]) -> str:
+    """A short digest of what the store holds (rows, model, preprocessing, dtype)."""
+    ident = {k: attrs.get(k) for k in ("manifest_digest", "model", "layer", "preprocess", "dtype",
+                                      "feature_dim", "chunk_rows")}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def partition_sizes(n: int, n_parts: int) -> list[int]:
+    """Balanced sizes: the first ``n % n_parts`` partitions hold one row more."""
+    q, r = divmod(n, n_parts)
+    return [q + (1 if i < r else 0) for i in range(n_parts)]
+
+
+def _bounds(n: int, n_parts: int, part: int) -> tuple[int, int]:
+    sizes = partition_sizes(n, n_parts)
+    start = sum(sizes[:part])
+    return start, start + sizes[part]
+
+
+def partition_positions(n: int, *, seed: int, epoch: int, n_parts: int, part: int,
+                        repartition: str) -> np.ndarray:
+    """Positions (into the split's rows) of a partition's members, in a fixed order."""
+    lo, hi = _bounds(n, n_parts, part)
+    if repartition == "never":
+        perm = np.random.default_rng([seed, 3]).permutation(n)
+    else:
+        perm = np.random.default_rng([seed, 2, epoch]).permutation(n)
+    return perm[lo:hi]
+
+
+def partition_members(train_rows: np.ndarray, *, seed: int, epoch: int, n_parts: int, part: int,
+                      repartition: str) -> np.ndarray:
+    """The rows of a partition in a fixed order: its membership (epoch only matters for "epoch")."""
+    pos = partition_positions(len(train_rows), seed=seed, epoch=epoch, n_parts=n_parts, part=part,
+                              repartition=repartition)
+    return np.asarray(train_rows)[pos]
+
+
+def epoch_order(n_members: int, *, seed: int, epoch: int, part: int, repartition: str) -> np.ndarray | None:
+    """Positions of a partition's members in this epoch's order (None: as they are)."""
+    if repartition == "never":
+        return np.random.default_rng([seed, 1, epoch, part]).permutation(n_members)
+    return None  # a fresh global shuffle already ordered them
+
+
+def partition_rows(train_rows: np.ndarray, *, seed: int, epoch: int, n_parts: int, part: int,
+                   repartition: str) -> np.ndarray:
+    """The store rows of a partition in the order its worker trains on them this epoch."""
+    members = partition_members(train_rows, seed=seed, epoch=epoch, n_parts=n_parts, part=part,
+                                repartition=repartition)
+    order = epoch_order(len(members), seed=seed, epoch=epoch, part=part, repartition=repartition)
+    return members if order is None else members[order]
+
+
+# -- per-process caches ---------------------------------------------------------------------
+
+class ByteLRU:
+    """A thread-safe LRU of arrays capped in bytes; entries bigger than the cap are not kept."""
+
+    def __init__(self) -> None:
+        self._d: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            item = self._d.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: Hashable, value: Any, nbytes: int, cap: int) -> None:
+        with self._lock:
+            if key in self._d:
+                self.nbytes -= self._d.pop(key)[1]
+            while self._d and self.nbytes + nbytes > cap:
+                self.nbytes -= self._d.popitem(last=False)[1][1]
+            if nbytes <= cap:
+                self._d[key] = (value, nbytes)
+                self.nbytes += nbytes
+
+    def pop(self, key: Hashable) -> None:
+        with self._lock:
+            item = self._d.pop(key, None)
+            if item is not None:
+                self.nbytes -= item[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self.nbytes = 0
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+#: features of partitions (and validation blocks) held by this worker process
+FEATURES = ByteLRU()
+_rows_lock = threading.Lock()
+_rows: dict[tuple, np.ndarray] = {}
+
+
+def _so_key(storage_options: Mapping[str, Any] | None) -> str:
+    return json.dumps(dict(storage_options or {}), sort_keys=True, default=str)
+
+
+def split_rows(store_url: str, split: str, storage_options: Mapping[str, Any] | None = None,
+               key: str = "") -> np.ndarray:
+    """``FeatureStore.split_rows`` computed once per process (and store contents)."""
+    k = (store_url, _so_key(storage_options), split, key)
+    with _rows_lock:
+        rows = _rows.get(k)
+    if rows is None:
+        rows = cached_store(store_url, storage_options).split_rows(split)
+        rows.setflags(write=False)
+        with _rows_lock:
+            _rows[k] = rows
+    return rows
+
+
+def clear_caches() -> None:
+    """Forget cached rows and features of this process (after a store was rewritten)."""
+    FEATURES.clear()
+    with _rows_lock:
+        _rows.clear()
+
+
+def read_cached(key: Hashable, store_url: str, storage_options: Mapping[str, Any] | None,
+                rows: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of ``rows``, from the cache or read from the store (and cached)."""
+    hit = FEATURES.get(key)
+    if hit is not None:
+        return hit
+    x, y = cached_store(store_url, storage_options).read_rows(rows)
+    x.setflags(write=False)
+    y.setflags(write=False)
+    FEATURES.put(key, (x, y), x.nbytes + y.nbytes, cap)
+    return x, y
+
+
+def load_round(task: ShardTask) -> tuple[np.ndarray, np.ndarray]:
+    """Features (float32) and labels of this round's rows, in training order.
+
+    What the worker keeps, within ``task.cache_bytes``: with ``repartition="epoch"`` the whole
+    split when it fits (partitions change every epoch, and any partition is then an index
+    into it), else this epoch's partition (the previous epoch's is dropped); with "never" its
+    fixed partition. When nothing fits, only the round's own rows are read.
+    """
+    train = split_rows(task.store_url, task.split, task.storage_options, task.store_key)
+    positions = partition_positions(len(train), seed=task.seed, epoch=task.epoch,
+                                    n_parts=task.n_parts, part=task.part,
+                                    repartition=task.repartition)
+    order = epoch_order(len(positions), seed=task.seed, epoch=task.epoch, part=task.part,
+                        repartition=task.repartition)
+    stop = task.offset + task.count
+    if task.offset < 0 or task.count < 0 or stop > len(positions):
+        raise ValueError(f"round rows [{task.offset}, {stop}) outside partition {task.part} "
+                         f"of {len(positions)} rows")
+    sel = np.arange(task.offset, stop) if order is None else order[task.offset:stop]
+    row_bytes = _feature_dim(task) * 4 + 8
+    base = ("train", task.store_url, _so_key(task.storage_options), task.store_key, task.split)
+    if task.repartition == "epoch" and len(train) * row_bytes <= task.cache_bytes:
+        x, y = read_cached(base + ("all",), task.store_url, task.storage_options, train,
+                           task.cache_bytes)
+        idx = positions[sel]
+        return x[idx], y[idx]
+    if len(positions) * row_bytes <= task.cache_bytes:
+        part_key = base + (task.seed, task.n_parts, task.part, task.repartition)
+        if task.repartition == "epoch":
+            FEATURES.pop(part_key + (task.epoch - 1,))  # last epoch's partition is not coming back
+            part_key += (task.epoch,)
+        x, y = read_cached(part_key, task.store_url, task.storage_options, train[positions],
+                           task.cache_bytes)
+        return x[sel], y[sel]
+    return cached_store(task.store_url, task.storage_options).read_rows(train[positions[sel]])
+
+
+def _feature_dim(task: ShardTask) -> int:
+    return cached_store(task.store_url, task.storage_options).feature_dim
