@@ -76,3 +76,137 @@ def info(store: str, storage_options: Mapping | None = None) -> dict[str, Any]:
     from .store import open_store
 
     return open_store(store, storage_options=storage_options).summary()
+
+
+def train_config(config: Any = None, **options: Any) -> Any:
+    """A TrainConfig from flat options, e.g. ``head="mlp", hidden=(512,), optimizer="adam", lr=1e-3``.
+
+    Options name TrainConfig fields, HeadConfig fields (``head`` as the kind, ``hidden``,
+    ``dropout``, ``batch_norm``, ``input_dropout``) or OptimizerConfig fields (``optimizer``
+    as the name, ``lr``, ``momentum``, ``weight_decay``, ``schedule``, ...). An unknown name
+    is an error listing the valid ones: nothing is silently ignored.
+    """
+    from dataclasses import fields, replace
+
+    from .errors import InvalidParameterError
+    from .train import HeadConfig, OptimizerConfig, TrainConfig
+
+    base = TrainConfig() if config is None else TrainConfig.from_dict(config)
+    head_f = {f.name for f in fields(HeadConfig)} - {"kind"}
+    opt_f = {f.name for f in fields(OptimizerConfig)} - {"name"}
+    top_f = {f.name for f in fields(TrainConfig)} - {"head", "optimizer"}
+    head_kw: dict[str, Any] = {}
+    opt_kw: dict[str, Any] = {}
+    top_kw: dict[str, Any] = {}
+    for k, v in options.items():
+        if k == "head":
+            if isinstance(v, str):
+                head_kw["kind"] = v
+            else:
+                top_kw["head"] = HeadConfig.from_dict(v)
+        elif k == "optimizer":
+            if isinstance(v, str):
+                opt_kw["name"] = v
+            else:
+                top_kw["optimizer"] = OptimizerConfig.from_dict(v)
+        elif k in head_f:
+            head_kw[k] = v
+        elif k in opt_f:
+            opt_kw[k] = v
+        elif k in top_f:
+            top_kw[k] = v
+        else:
+            raise InvalidParameterError(
+                f"Unknown training option {k!r}. Options: head, optimizer, "
+                f"{', '.join(sorted(top_f | head_f | opt_f))}.")
+    if "betas" in opt_kw:
+        opt_kw["betas"] = tuple(opt_kw["betas"])
+    if "hidden" in head_kw and isinstance(head_kw["hidden"], list):
+        head_kw["hidden"] = tuple(head_kw["hidden"])
+    head_cfg = top_kw.pop("head", base.head)
+    opt_cfg = top_kw.pop("optimizer", base.optimizer)
+    if head_kw:
+        head_cfg = HeadConfig(**{**head_cfg.to_dict(), "hidden": tuple(head_cfg.hidden), **head_kw})
+    if opt_kw:
+        opt_cfg = OptimizerConfig(**{**opt_cfg.to_dict(), "betas": tuple(opt_cfg.betas), **opt_kw})
+    return replace(base, head=head_cfg, optimizer=opt_cfg, **top_kw)
+
+
+def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
+          workers: int | None = None, engine_options: Mapping[str, Any] | None = None,
+          config: Any = None, storage_options: Mapping | None = None, resume: bool = True,
+          progress: bool = True, **options: Any) -> Any:
+    """Train a classifier head on ``store``'s features with parameter averaging.
+
+    ``workers`` is both the number of engine processes (when this call starts the engine)
+    and the number of averaging workers. Options: see ``train_config``. The best head by
+    validation score is saved to ``model_dir`` (``config.json`` + ``head.safetensors``),
+    beside the per-round statistics, the training chart and the resumable checkpoint.
+    """
+    from dataclasses import replace
+
+    from .artifact import save_model
+    from .store import open_store
+    from .train import train_head
+
+    cfg = train_config(config, **options)
+    if workers is not None:
+        cfg = replace(cfg, workers=workers)
+    st = open_store(store, storage_options=storage_options)
+    with engine_scope(engine, workers, engine_options) as ex:
+        result = train_head(ex, store, cfg, model_dir, storage_options=storage_options,
+                            resume=resume, progress=progress)
+    attrs = {**st.attrs, "store_url": store}
+    save_model(model_dir, params=result.params, head_config=result.head.to_dict(),
+               store_attrs=attrs, classes=result.classes, training=result.config.to_dict(),
+               metrics={"validation": result.best_metrics and {
+                   k: result.best_metrics[k] for k in ("top1", "top5", "mean_per_class", "n")
+                   if k in result.best_metrics}, "best": result.best, "rounds": result.rounds,
+                   "stopped_early": result.stopped_early})
+    return result
+
+
+def evaluate(model_dir: str, store: str, *, split: str = "test",
+             engine: "str | Executor" = "local", workers: int | None = None,
+             engine_options: Mapping[str, Any] | None = None,
+             storage_options: Mapping | None = None,
+             report_dir: str | None = None) -> dict[str, Any]:
+    """Metrics of a saved model's head on a split of a feature store.
+
+    Returns top1, top5, mean_per_class, per-class precision/recall/F1, the confusion matrix
+    and n. With ``report_dir``: ``metrics.json``, ``report.txt`` and ``confusion.png`` there.
+    """
+    import json
+    import os
+
+    from . import evaluate as ev
+    from .artifact import load, update_metrics
+    from .errors import InvalidParameterError
+    from .store import open_store
+
+    model = load(model_dir)
+    st = open_store(store, storage_options=storage_options)
+    if st.classes != model.classes or st.feature_dim != model.feature_dim or \
+            st.attrs.get("model") != model.config["backbone"]:
+        raise InvalidParameterError(
+            f"The model in {model_dir!r} was trained on other features (model, layer, classes or "
+            f"width differ from {store!r}): evaluate it on a store made with the same settings.")
+    with engine_scope(engine, workers, engine_options) as ex:
+        m = ev.evaluate(ex, store, model.params, model.head_config, split,
+                        storage_options=storage_options)
+    update_metrics(model_dir, {split: {k: m[k] for k in ("top1", "top5", "mean_per_class", "n")}})
+    if report_dir:
+        os.makedirs(report_dir, exist_ok=True)
+        with open(os.path.join(report_dir, "metrics.json"), "w") as f:
+            json.dump(m, f, indent=1)
+        with open(os.path.join(report_dir, "report.txt"), "w") as f:
+            f.write(ev.format_report(m, title=f"{model_dir} on {store} [{split}]"))
+        ev.plot_confusion(m, os.path.join(report_dir, "confusion.png"))
+    return m
+
+
+def load(model_dir: str) -> Any:
+    """Load a saved model: ``deeptransfer.load("model/").predict(["cat.jpg"])``."""
+    from .artifact import load as _load
+
+    return _load(model_dir)

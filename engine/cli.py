@@ -153,7 +153,167 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"featurize": cmd_featurize, "info": cmd_info, "models": cmd_models}
+def _add_train(sub: Any) -> None:
+    t = sub.add_parser("train", help="train a classifier head with parameter averaging")
+    t.add_argument("store", help="feature store made by `deeptransfer featurize`")
+    t.add_argument("model_dir", help="folder for the trained model, its checkpoint and statistics")
+    t.add_argument("--batch-size-per-worker", type=int, default=None)
+    t.add_argument("--averaging-frequency", type=int, default=None,
+                   help="minibatches each worker runs between averagings")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--optimizer", default=None, choices=["sgd", "nesterov", "adam"])
+    t.add_argument("--momentum", type=float, default=None)
+    t.add_argument("--weight-decay", type=float, default=None, help="L2 coefficient")
+    t.add_argument("--schedule", default=None, choices=["constant", "step", "cosine", "exponential"])
+    t.add_argument("--head", default=None, choices=["softmax", "mlp"])
+    t.add_argument("--hidden", default=None, help="mlp hidden sizes, e.g. 512,256")
+    t.add_argument("--dropout", type=float, default=None)
+    t.add_argument("--input-dropout", type=float, default=None)
+    t.add_argument("--batch-norm", action="store_true", default=None)
+    t.add_argument("--label-smoothing", type=float, default=None)
+    t.add_argument("--class-weights", default=None, choices=["balanced"])
+    t.add_argument("--save-updater", dest="save_updater", action="store_true", default=None,
+                   help="average the optimizer state too (default)")
+    t.add_argument("--no-save-updater", dest="save_updater", action="store_false")
+    t.add_argument("--repartition", default=None, choices=["epoch", "never"])
+    t.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    t.add_argument("--json", action="store_true")
+    _add_engine_args(t)
+
+    e = sub.add_parser("evaluate", help="metrics of a trained model on a split of a store")
+    e.add_argument("model_dir")
+    e.add_argument("store")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--report", default=None, metavar="DIR",
+                   help="write metrics.json, report.txt and confusion.png there")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_engine_args(e)
+
+    p = sub.add_parser("predict", help="classify image files with a trained model")
+    p.add_argument("model_dir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    x = sub.add_parser("export", help="export backbone + head for serving")
+    x.add_argument("model_dir")
+    x.add_argument("output")
+    x.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"])
+
+    d = sub.add_parser("demo", help="the whole recipe on scikit-learn's digits (no network)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=30)
+    _add_engine_args(d)
+
+    sub.add_parser("spark-entry", help="print the script path to give spark-submit")
+
+
+_EXTRA_COMMANDS.append(("train", _add_train))
+
+_TRAIN_FLAGS = {
+    "batch_size_per_worker": "batch_size_per_worker", "averaging_frequency": "averaging_frequency",
+    "epochs": "epochs", "lr": "lr", "optimizer": "optimizer", "momentum": "momentum",
+    "weight_decay": "weight_decay", "schedule": "schedule", "head": "head",
+    "dropout": "dropout", "input_dropout": "input_dropout", "batch_norm": "batch_norm",
+    "label_smoothing": "label_smoothing", "class_weights": "class_weights",
+    "save_updater": "save_updater", "repartition": "repartition", "patience": "patience",
+    "seed": "seed",
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import train
+
+    opts = {v: getattr(args, k) for k, v in _TRAIN_FLAGS.items() if getattr(args, k) is not None}
+    if args.hidden:
+        from .errors import InvalidParameterError
+
+        try:
+            opts["hidden"] = tuple(int(h) for h in args.hidden.split(","))
+        except ValueError:
+            raise InvalidParameterError(
+                f"--hidden takes layer widths like 512,256. Got {args.hidden!r}.") from None
+    res = train(args.store, args.model_dir, engine=args.engine, workers=args.workers,
+                engine_options=_engine_options(args), resume=not args.no_resume,
+                progress=not args.json, **opts)
+    best = res.best or {}
+    summary = {"model_dir": args.model_dir, "rounds": res.rounds, "epochs": len(res.history),
+               "stopped_early": res.stopped_early, "best_epoch": best.get("epoch"),
+               "val_top1": best.get("val_top1"), "val_mean_per_class": best.get("val_mean_per_class")}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k:20s} {v}")
+        print(f"{'statistics':20s} {os.path.join(args.model_dir, 'rounds.jsonl')}, "
+              f"{os.path.join(args.model_dir, 'training.png')}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import evaluate
+    from .evaluate import format_report
+
+    m = evaluate(args.model_dir, args.store, split=args.split, engine=args.engine,
+                 workers=args.workers, engine_options=_engine_options(args), report_dir=args.report)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(format_report(m, title=f"{args.model_dir} on {args.store} [{args.split}]",
+                            max_classes=30))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .artifact import load
+
+    preds = load(args.model_dir).predict(args.images, top_k=args.top_k)
+    failed = 0
+    for p in preds:
+        if args.json:
+            print(json.dumps(p.to_dict()))
+        elif p.error:
+            print(f"{p.path}: error: {p.error}")
+        else:
+            tops = ", ".join(f"{c} {s:.3f}" for c, s in p.top_k)
+            print(f"{p.path}: {p.label} ({p.score:.3f})  [{tops}]")
+        failed += p.error is not None
+    return 1 if failed == len(preds) else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .artifact import load
+
+    path = load(args.model_dir).export(args.output, format=args.format)
+    print(f"exported {args.format} pipeline to {path} (preprocessing and classes in {path}.json)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, engine=args.engine, workers=args.workers or 2, epochs=args.epochs)
+    return 0
+
+
+def cmd_spark_entry(args: argparse.Namespace) -> int:
+    # a path, found without importing the Spark adapter (pyspark may not be on this machine)
+    import importlib.util
+
+    spec = importlib.util.find_spec("deeptransfer.adapters.spark_submit")
+    if spec is None or spec.origin is None:  # pragma: no cover - part of the package
+        print("deeptransfer spark-entry: the Spark entry script is missing", file=sys.stderr)
+        return 2
+    print(spec.origin)
+    return 0
+
+
+COMMANDS = {"featurize": cmd_featurize, "info": cmd_info, "models": cmd_models,
+            "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "export": cmd_export, "demo": cmd_demo, "spark-entry": cmd_spark_entry}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

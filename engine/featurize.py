@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .dataset import Manifest
-from .errors import InvalidParameterError, StoreError, check_choice, check_int
+from .errors import StoreError, check_choice, check_int
 from .executor import Executor
 from .store import cached_store, create_store, forget_cached_stores
 
@@ -275,7 +275,7 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
                   storage_options: Mapping | None = None, overwrite: bool = False,
                   progress: bool | Callable[[ChunkResult], None] = True) -> FeaturizeReport:
     """Create (or resume) the store for ``manifest`` and featurize its unfinished chunks."""
-    from .models import ModelSpec, get_model_info
+    from .models import ModelSpec, get_model_info, resolve_layer
 
     check_int("batch_size", batch_size, low=1, where="featurize")
     check_int("chunk_rows", chunk_rows, low=1, where="featurize")
@@ -286,12 +286,7 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
             "its own memory. Give a path or a shared fsspec URL (s3://, gs://, ...).")
     spec_in = model if isinstance(model, ModelSpec) else ModelSpec(name=str(model))
     info = get_model_info(spec_in.name)
-    layer = spec_in.layer or info.default_layer
-    if layer not in info.layers:
-        from .errors import UnknownModelError
-
-        raise UnknownModelError(
-            f"Model {info.name!r} has no layer {layer!r}. Layers: {', '.join(info.layers)}.")
+    layer = resolve_layer(info, spec_in.layer)  # default, aliases; unknown -> UnknownModelError
     mspec = ModelSpec(name=spec_in.name, layer=layer, weights=spec_in.weights)
     attrs = {
         "model": mspec.to_dict(), "layer": layer, "preprocess": info.preprocess.to_dict(),
@@ -333,9 +328,3 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
         store_bytes=store.summary()["bytes"], engine=executor.name, model=mspec.to_dict(),
         feature_dim=info.layers[layer], warnings=list(manifest.warnings))
 
-
-def validate_dtype(dtype: str) -> str:
-    if dtype not in ("float32", "float16"):
-        raise InvalidParameterError(
-            f"The 'dtype' parameter must be one of 'float32', 'float16'. Got {dtype!r} instead.")
-    return dtype

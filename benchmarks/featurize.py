@@ -1,0 +1,243 @@
+"""Featurize benchmark: forward-only compute limit vs end-to-end local featurize, in one run.
+
+    python benchmarks/featurize.py ../shared/datasets/caltech101 [--limit N] [--json]
+
+Prints, from one run on the same images:
+- the forward-only throughput of the model on ready tensors (the compute limit): eager and
+  torch.compile, channels_last, batch sizes 8..64, the fastest taken;
+- the end-to-end throughput of `deeptransfer featurize` on the local engine (worker start-up,
+  model build, read, decode, preprocess, forward, Zarr writes), and its ratio to the limit;
+- the fused numba kernel against PIL resize + NumPy normalize on the same decoded images;
+- peak RSS of the whole process tree (driver + workers).
+This machine drifts ~20% within minutes, so the best forward configuration is measured
+again right before and after the end-to-end run and the median of the three is the limit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+
+
+def _reexec_with_tunables() -> None:
+    # glibc reads GLIBC_TUNABLES at start-up only: the forward limit is measured with the same
+    # allocator settings the local engine gives its workers.
+    if "GLIBC_TUNABLES" not in os.environ and not os.environ.get("DT_BENCH_NO_TUNABLES"):
+        os.environ["GLIBC_TUNABLES"] = TUNABLES
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+class PeakRSS:
+    """Polls the summed RSS of this process and its children (the engine's workers)."""
+
+    def __init__(self, interval: float = 0.1):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def subset(manifest, limit: int | None, seed: int = 0):
+    """A deterministic, class-mixed subset of ``limit`` rows (all rows when None)."""
+    from deeptransfer.dataset import Manifest
+
+    if limit is None or limit >= len(manifest):
+        return manifest
+    rows = np.sort(np.random.default_rng(seed).permutation(len(manifest))[:limit])
+    return Manifest(manifest.root, [manifest.paths[i] for i in rows], manifest.labels[rows],
+                    manifest.split[rows], manifest.classes, list(manifest.warnings))
+
+
+def decoded_images(paths: list[str], target: int) -> list[np.ndarray]:
+    from deeptransfer.featurize import load_image
+
+    out = []
+    for p in paths:
+        try:
+            out.append(load_image(p, target))
+        except Exception:
+            pass
+    return out
+
+
+def bench_kernel(images: list[np.ndarray], pp, repeats: int = 3) -> dict:
+    """Fused numba kernel vs PIL resize + NumPy normalize, one thread, same images."""
+    from deeptransfer.kernels import reference_preprocess, resize_crop_normalize
+
+    kw = dict(resize=pp.resize, crop=pp.crop, mean=pp.mean, std=pp.std)
+    buf = np.zeros((len(images), pp.crop, pp.crop, 3), np.float32)
+    resize_crop_normalize(images[:2], buf[:2], parallel=False, **kw)  # compile / load cache
+    t_fused, t_ref = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        resize_crop_normalize(images, buf, parallel=False, **kw)
+        t_fused.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for img in images:
+            reference_preprocess(img, **kw)
+        t_ref.append(time.perf_counter() - t0)
+    f, r = min(t_fused), min(t_ref)
+    return {"kernel_ms_per_image": 1e3 * f / len(images),
+            "reference_ms_per_image": 1e3 * r / len(images), "kernel_speedup": r / f}
+
+
+def forward_ips(module, batch: np.ndarray, seconds: float = 4.0) -> float:
+    """Images/s of ``module`` on a ready NHWC batch, warmed up, timed for ``seconds``."""
+    import torch
+
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2)  # channels_last view
+    with torch.inference_mode():
+        for _ in range(3):
+            module(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            module(x)
+            n += batch.shape[0]
+        return n / (time.perf_counter() - t0)
+
+
+def make_module(model: str, layer: str | None, compiled: bool):
+    import torch
+
+    from deeptransfer.models import ModelSpec, create_backbone
+
+    bb = create_backbone(ModelSpec(model, layer))  # already channels_last
+    return (torch.compile(bb, dynamic=False) if compiled else bb), bb.preprocess
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dataset")
+    ap.add_argument("--limit", type=int, default=None, help="images to featurize (default all)")
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--layer", default=None)
+    ap.add_argument("--workers", type=int, default=None, help="local engine processes (default: cores)")
+    ap.add_argument("--batch-sizes", default="8,16,32,64")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
+    ap.add_argument("--seconds", type=float, default=4.0, help="timing window per forward config")
+    ap.add_argument("--exclude-class", action="append", default=[])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from deeptransfer.adapters.local import LocalExecutor
+    from deeptransfer.dataset import load_dataset
+    from deeptransfer.featurize import run_featurize
+    from deeptransfer.models import ModelSpec
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    manifest = subset(load_dataset(args.dataset, exclude_classes=args.exclude_class), args.limit)
+    n = len(manifest)
+    _, pp = make_module(args.model, args.layer, False)
+    sample = decoded_images(manifest.paths[: min(256, n)], pp.resize)
+    out: dict = {"model": args.model, "images": n, "cores": cores,
+                 "malloc_tunables": os.environ.get("GLIBC_TUNABLES") == TUNABLES}
+
+    # 1. kernels
+    out.update(bench_kernel(sample[:128], pp))
+    print(f"kernel: {out['kernel_ms_per_image']:.3f} ms/img fused vs "
+          f"{out['reference_ms_per_image']:.3f} ms/img PIL+NumPy -> {out['kernel_speedup']:.2f}x",
+          flush=True)
+
+    # 2. forward-only limit: every candidate, the fastest taken
+    from deeptransfer.kernels import resize_crop_normalize
+
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    ready = np.zeros((max(sizes), pp.crop, pp.crop, 3), np.float32)
+    imgs = (sample * (max(sizes) // len(sample) + 1))[: max(sizes)]
+    resize_crop_normalize(imgs, ready, resize=pp.resize, crop=pp.crop, mean=pp.mean, std=pp.std)
+    candidates: dict[tuple[str, int], float] = {}
+    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    compiled_modules: dict[str, object] = {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        module, _ = make_module(args.model, args.layer, mode == "compiled")
+        compiled_modules[mode] = module
+        for b in sizes:
+            ips = forward_ips(module, ready[:b], args.seconds)
+            candidates[(mode, b)] = ips
+            print(f"forward {mode:8s} batch {b:3d}: {ips:7.1f} img/s", flush=True)
+        if mode == "compiled":
+            out["compile_and_measure_seconds"] = time.perf_counter() - t0
+    (best_mode, best_b), best = max(candidates.items(), key=lambda kv: kv[1])
+    out["forward_candidates"] = {f"{m}/{b}": round(v, 1) for (m, b), v in candidates.items()}
+
+    # 3. end-to-end, bracketed by the best forward configuration again
+    before = forward_ips(compiled_modules[best_mode], ready[:best_b], args.seconds)
+    store = tempfile.mkdtemp(prefix="dt-bench-") + "/features.zarr"
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        with LocalExecutor(args.workers) as ex:
+            rep = run_featurize(ex, manifest, store, model=ModelSpec(args.model, args.layer),
+                                batch_size=best_b, compile=best_mode == "compiled",
+                                progress=False)
+        e2e_seconds = time.perf_counter() - t0
+    after = forward_ips(compiled_modules[best_mode], ready[:best_b], args.seconds)
+    limit = statistics.median([best, before, after])
+    out.update({
+        "forward_best_config": f"{best_mode}/batch {best_b}",
+        "forward_limit_ips": limit,
+        "forward_limit_samples_ips": [best, before, after],
+        "end_to_end_ips": n / e2e_seconds,
+        "end_to_end_seconds": e2e_seconds,
+        "ratio": (n / e2e_seconds) / limit,
+        "featurized": rep.featurized,
+        "skipped": len(rep.skipped),
+        "peak_rss_mb": rss.peak / 2**20,
+        "store_bytes": rep.store_bytes,
+    })
+    print(f"forward-only limit ({out['forward_best_config']}): {limit:.1f} img/s "
+          f"(samples {', '.join(f'{v:.1f}' for v in out['forward_limit_samples_ips'])})")
+    print(f"end-to-end local featurize: {out['end_to_end_ips']:.1f} img/s "
+          f"({n} images in {e2e_seconds:.1f} s, {rep.featurized} featurized, "
+          f"{len(rep.skipped)} skipped)")
+    print(f"ratio end-to-end / forward limit: {out['ratio']:.3f}")
+    print(f"kernel speed-up vs PIL + NumPy: {out['kernel_speedup']:.2f}x")
+    print(f"peak RSS (driver + workers): {out['peak_rss_mb']:.0f} MB")
+    if args.json:
+        print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    _reexec_with_tunables()
+    main()

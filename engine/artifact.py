@@ -1,0 +1,238 @@
+"""The saved model: one directory that rebuilds the whole image -> class pipeline.
+
+    model/
+      config.json        format, backbone spec (model, layer, weights), preprocessing,
+                         feature width, classes, head config, training options, metrics
+      head.safetensors   the trained head's parameters (no pickle)
+      rounds.jsonl, val_metrics.json, training.png, checkpoint.safetensors  (training)
+
+Prediction goes through exactly the featurize path (the same decode, kernels, backbone
+runner), so a prediction sees the features the head was trained on.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import InvalidParameterError, StoreError, check_int
+
+FORMAT = "deeptransfer.model/1"
+
+
+def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray],
+               head_config: Mapping[str, Any], store_attrs: Mapping[str, Any],
+               classes: Sequence[str], training: Mapping[str, Any] | None = None,
+               metrics: Mapping[str, Any] | None = None) -> Path:
+    """Write ``config.json`` and ``head.safetensors`` (atomically, file by file)."""
+    from safetensors.numpy import save_file
+
+    d = Path(model_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "head.safetensors.tmp"
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()},
+              str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, d / "head.safetensors")
+    config = {
+        "format": FORMAT,
+        "backbone": dict(store_attrs["model"]),
+        "preprocess": dict(store_attrs["preprocess"]),
+        "feature_dim": int(store_attrs["feature_dim"]),
+        "classes": list(classes),
+        "head": dict(head_config),
+        "param_order": list(params),
+        "training": dict(training or {}),
+        "metrics": dict(metrics or {}),
+        "features_store": store_attrs.get("store_url"),
+        "versions": store_attrs.get("versions", {}),
+    }
+    tmpc = d / "config.json.tmp"
+    tmpc.write_text(json.dumps(config, indent=2, default=_jsonable))
+    os.replace(tmpc, d / "config.json")
+    return d
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def update_metrics(model_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> None:
+    """Merge evaluation results into config.json."""
+    p = Path(model_dir) / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg.setdefault("metrics", {}).update(json.loads(json.dumps(dict(metrics), default=_jsonable)))
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, p)
+
+
+@dataclass
+class Prediction:
+    """One image's prediction: its top classes with probabilities, or why it failed."""
+
+    path: str
+    label: str | None
+    score: float | None
+    top_k: list[tuple[str, float]]
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "label": self.label, "score": self.score,
+                "top_k": [[c, p] for c, p in self.top_k], "error": self.error}
+
+
+class TransferModel:
+    """A loaded model directory: backbone spec + preprocessing + trained head."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        from safetensors.numpy import load_file
+
+        from .models import ModelSpec, Preprocess
+        from .train.heads import HeadConfig, head_from_params
+
+        self.dir = Path(model_dir)
+        cfg_path = self.dir / "config.json"
+        if not cfg_path.is_file():
+            raise StoreError(f"{str(model_dir)!r} is not a deeptransfer model directory (no "
+                             f"config.json). Train one with `deeptransfer train STORE MODEL_DIR`.")
+        self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+        if self.config.get("format") != FORMAT:
+            raise StoreError(f"{cfg_path} has format {self.config.get('format')!r}, "
+                             f"expected {FORMAT!r}.")
+        self.classes: list[str] = list(self.config["classes"])
+        self.spec = ModelSpec.from_dict(self.config["backbone"])
+        self.preprocess = Preprocess.from_dict(self.config["preprocess"])
+        self.feature_dim = int(self.config["feature_dim"])
+        self.head_config = HeadConfig.from_dict(self.config["head"])
+        raw = load_file(str(self.dir / "head.safetensors"))
+        self.params = {k: raw[k] for k in self.config.get("param_order", list(raw))}
+        self.head = head_from_params(self.head_config, self.params, in_dim=self.feature_dim,
+                                     n_classes=len(self.classes))
+
+    def __repr__(self) -> str:
+        return (f"TransferModel({self.spec.name}@{self.spec.layer} -> {self.head_config.kind} "
+                f"head, {len(self.classes)} classes)")
+
+    # -- features -> probabilities -------------------------------------------------------------
+    def predict_proba_features(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities for rows of stored features."""
+        import torch
+
+        with torch.inference_mode():
+            logits = self.head(torch.as_tensor(np.asarray(features, np.float32)))
+            return torch.softmax(logits, dim=1).numpy()
+
+    # -- images -> probabilities ---------------------------------------------------------------
+    def predict(self, paths: Sequence[str] | str, *, top_k: int = 5, batch_size: int = 16,
+                storage_options: Mapping | None = None) -> list[Prediction]:
+        """Classify image files (paths or fsspec URLs); bad files get an ``error``, not a crash."""
+        from .featurize import FeaturizeSpec, _reason, get_runner, load_image, preprocess_batch
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [str(paths)]
+        check_int("top_k", top_k, low=1, where="predict")
+        k = min(top_k, len(self.classes))
+        runner = get_runner(FeaturizeSpec(store_url="", model=self.spec, batch_size=batch_size))
+        out: list[Prediction | None] = [None] * len(paths)
+        batch_idx: list[int] = []
+        images: list[np.ndarray] = []
+
+        def flush() -> None:
+            failed = preprocess_batch(runner, images)
+            feats = runner.forward(len(images))
+            probs = self.predict_proba_features(feats)
+            for j, i in enumerate(batch_idx):
+                if j in failed:
+                    out[i] = Prediction(str(paths[i]), None, None, [], "image could not be resized")
+                    continue
+                order = np.argsort(-probs[j], kind="stable")[:k]
+                top = [(self.classes[c], float(probs[j, c])) for c in order]
+                out[i] = Prediction(str(paths[i]), top[0][0], top[0][1], top)
+            batch_idx.clear()
+            images.clear()
+
+        with runner.lock:
+            for i, p in enumerate(paths):
+                try:
+                    images.append(load_image(str(p), runner.pp.resize, storage_options))
+                    batch_idx.append(i)
+                except Exception as exc:  # noqa: BLE001 - reported per image
+                    out[i] = Prediction(str(p), None, None, [], _reason(exc))
+                if len(images) == runner.batch_size:
+                    flush()
+            if images:
+                flush()
+        return [o for o in out if o is not None]
+
+    # -- export -------------------------------------------------------------------------------
+    def pipeline_module(self):
+        """backbone + head + softmax as one torch module on preprocessed NCHW input."""
+        import torch
+
+        from .models import create_backbone
+
+        backbone = create_backbone(self.spec)
+
+        class Pipeline(torch.nn.Module):
+            def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
+                super().__init__()
+                self.backbone = backbone
+                self.head = head
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.softmax(self.head(self.backbone(x)), dim=1)
+
+        return Pipeline(backbone, self.head).eval()
+
+    def export(self, path: str | os.PathLike, *, format: str = "torchscript") -> Path:  # noqa: A002
+        """Export the whole pipeline for serving (input: preprocessed NCHW float32 images).
+
+        The preprocessing (resize, crop, mean, std) and the class names are written beside it
+        as ``<path>.json``.
+        """
+        import torch
+
+        if format not in ("torchscript", "onnx"):
+            raise InvalidParameterError(
+                f"The 'format' parameter must be one of 'torchscript', 'onnx'. Got {format!r}.")
+        module = self.pipeline_module()
+        crop = self.preprocess.crop
+        example = torch.zeros(1, 3, crop, crop)
+        path = Path(path)
+        with torch.inference_mode():
+            if format == "torchscript":
+                traced = torch.jit.trace(module, example, check_trace=False)
+                traced.save(str(path))
+            else:
+                try:
+                    torch.onnx.export(module, (example,), str(path), input_names=["image"],
+                                      output_names=["probabilities"],
+                                      dynamic_axes={"image": {0: "batch"},
+                                                    "probabilities": {0: "batch"}},
+                                      dynamo=False)
+                except (ImportError, ModuleNotFoundError) as exc:
+                    from .errors import EngineUnavailableError
+
+                    raise EngineUnavailableError(
+                        f"ONNX export needs the onnx package: pip install 'deeptransfer[onnx]' "
+                        f"({exc})") from exc
+        Path(str(path) + ".json").write_text(json.dumps(
+            {"preprocess": self.preprocess.to_dict(), "classes": self.classes,
+             "input": f"float32 NCHW, 3 x {crop} x {crop}, normalized", "output": "probabilities"},
+            indent=2))
+        return path
+
+
+def load(model_dir: str | os.PathLike) -> TransferModel:
+    """Load a saved model directory: ``deeptransfer.load("model/").predict(["a.jpg"])``."""
+    return TransferModel(model_dir)
