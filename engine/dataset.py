@@ -86,11 +86,17 @@ def scan(url: str, *, exclude_classes: Sequence[str] = (),
     seen_classes: set[str] = set()
     for tree, code in trees:
         base = tree.rstrip("/")
+        # a feature store written inside the dataset folder is not a class of images
+        stores = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(tree, detail=False)
+                  if fs.isdir(p) and (fs.exists(p.rstrip("/") + "/zarr.json")
+                                      or fs.exists(p.rstrip("/") + "/.zgroup"))}
+        for name in sorted(stores):
+            warnings.append(f"ignored {name!r}: it is a Zarr store, not a class folder")
         for path in fs.find(tree, withdirs=False, detail=False):
             rel = path[len(base) + 1:] if path.startswith(base + "/") else path
             parts = rel.split("/")
-            if any(p.startswith(".") for p in parts):
-                continue  # .DS_Store, ._AppleDouble, .ipynb_checkpoints
+            if any(p.startswith(".") for p in parts) or parts[0] in stores:
+                continue  # .DS_Store, ._AppleDouble, .ipynb_checkpoints, feature stores
             if len(parts) < 2:
                 warnings.append(f"ignored {rel!r}: files must sit in a class folder")
                 continue
@@ -103,7 +109,7 @@ def scan(url: str, *, exclude_classes: Sequence[str] = (),
         for d in fs.ls(tree, detail=False):
             name = d.rstrip("/").rsplit("/", 1)[-1]
             if fs.isdir(d) and not name.startswith(".") and name not in excluded and \
-                    name not in with_files:
+                    name not in with_files and name not in stores:
                 warnings.append(f"class folder {name!r} holds no files and is left out")
     unknown = excluded - seen_classes
     if unknown:

@@ -31,6 +31,10 @@ class FeaturizeSpec:
     compile: bool = False
     device: str = "cpu"
     precision: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    # torch intra-op threads per task. CPU convolutions give bitwise-equal features for equal
+    # thread counts, and every engine defaults to one single-threaded worker per core, so
+    # the same images give the same store on every engine.
+    threads: int = 1
 
     @property
     def options(self) -> dict[str, Any]:
@@ -119,6 +123,13 @@ def get_runner(spec: FeaturizeSpec) -> _Runner:
         return r
 
 
+def _set_threads(n: int) -> None:
+    import torch
+
+    if n >= 1 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def read_bytes(path: str, storage_options: Mapping | None = None) -> bytes:
     """The bytes of one file, local or any fsspec URL."""
     if "://" not in path or path.startswith("file://"):
@@ -183,6 +194,7 @@ def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
     t_start = time.perf_counter()
     store = cached_store(spec.store_url, spec.options, mode="r+")
     runner = get_runner(spec)
+    _set_threads(spec.threads)
     paths = store.chunk_paths(chunk)
     n = len(paths)
     feats = np.zeros((n, runner.feature_dim), np.float32)
@@ -302,7 +314,8 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
     spec = FeaturizeSpec(store_url=store_url, model=mspec,
                          storage_options=tuple(sorted(dict(storage_options or {}).items())),
                          batch_size=batch_size, compile=compile, device=device,
-                         precision=precision)
+                         precision=precision,
+                         threads=int(getattr(executor, "threads_per_worker", 1) or 1))
     todo_rows = sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in pending)
     bar = None
     if progress is True:

@@ -107,3 +107,13 @@ def test_unknown_excluded_class(tmp_path):
     _tree(tmp_path, {"a": 2})
     with pytest.raises(InvalidParameterError, match="names no class"):
         scan(str(tmp_path), exclude_classes=["zzz"])
+
+
+def test_a_store_inside_the_dataset_is_not_a_class(tmp_path):
+    _tree(tmp_path, {"a": 2, "b": 2})
+    (tmp_path / "features.zarr" / "features").mkdir(parents=True)
+    (tmp_path / "features.zarr" / "zarr.json").write_text("{}")
+    (tmp_path / "features.zarr" / "features" / "c0").write_bytes(b"x")
+    m = scan(str(tmp_path))
+    assert m.classes == ["a", "b"] and len(m) == 4
+    assert any("Zarr store" in w for w in m.warnings)

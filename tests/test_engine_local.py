@@ -18,3 +18,6 @@ def test_inline_mode_runs_in_process():
 
     with LocalExecutor(0) as ex:
         assert [r["pid"] for _, r in ex.map_unordered(probe, [1, 2])] == [os.getpid()] * 2
+
+
+from engine_job_checks import *  # noqa: E402,F401,F403 - featurize/train job checks
