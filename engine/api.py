@@ -15,7 +15,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
-from .engines import get_executor
+from .engines import check_engine, get_executor
 from .executor import Executor
 from .featurize import FeaturizeReport, run_featurize
 
@@ -57,6 +57,7 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     from .dataset import load_dataset
     from .models import ModelSpec
 
+    check_engine(engine)
     manifest = load_dataset(dataset, split=split, per_class_train=per_class_train,
                             per_class_val=per_class_val, exclude_classes=exclude_classes,
                             seed=seed, storage_options=storage_options)
@@ -149,6 +150,7 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     from .store import open_store
     from .train import train_head
 
+    check_engine(engine)
     cfg = train_config(config, **options)
     if workers is not None:
         cfg = replace(cfg, workers=workers)
@@ -184,6 +186,7 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     from .errors import InvalidParameterError
     from .store import open_store
 
+    check_engine(engine)
     model = load(model_dir)
     st = open_store(store, storage_options=storage_options)
     if st.classes != model.classes or st.feature_dim != model.feature_dim or \

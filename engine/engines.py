@@ -25,6 +25,13 @@ def available_engines() -> list[str]:
     return sorted(ep.name for ep in entry_points(group="deeptransfer.engines"))
 
 
+def check_engine(engine: "str | Executor") -> None:
+    """Fail fast on an unknown engine name, before any work or cluster start."""
+    if isinstance(engine, str) and engine not in available_engines():
+        raise InvalidParameterError(
+            f"Unknown engine {engine!r}: choose one of {', '.join(available_engines())}.")
+
+
 def get_executor(engine: "str | Executor" = "local",
                  options: Mapping[str, Any] | None = None) -> Executor:
     """Build the executor for an engine name, or pass an Executor through unchanged.
