@@ -29,6 +29,11 @@ def engine_scope(engine: "str | Executor", workers: int | None,
         if workers is not None:
             opts.setdefault("n_workers", workers)
         ex = get_executor(engine, opts)
+        link = getattr(ex, "dashboard_link", None)
+        if link:
+            import sys
+
+            print(f"{ex.name} dashboard: {link}", file=sys.stderr)
         try:
             yield ex
         finally:
@@ -45,14 +50,17 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
               per_class_train: int | None = None, per_class_val: int = 0,
               exclude_classes: Sequence[str] = (), seed: int = 0, batch_size: int = 16,
               dtype: str = "float32", chunk_rows: int = 256, compile: bool = False,
-              device: str = "cpu", precision: str = "auto", overwrite: bool = False,
+              device: str | None = None, precision: str = "auto", views: str = "center",
+              overwrite: bool = False,
               storage_options: Mapping | None = None, progress: Any = True) -> FeaturizeReport:
     """Push every image of ``dataset`` once through a frozen pretrained CNN into ``store``.
 
     ``dataset`` is a folder (local or fsspec URL) with one sub-folder of images per class, or
     train/ val/ test/ folders holding those. Splits: ``split="train=0.7,val=0.1,test=0.2"``
     (stratified, seeded), or ``per_class_train=30`` (+ ``per_class_val``), the rest test.
-    Resumable: a rerun computes only the chunks a killed run left unfinished.
+    ``views="center+flip"`` averages the features of each image and its mirror image.
+    Resumable: a rerun computes only the chunks a killed run left unfinished. ``device``
+    defaults to the engine's (``cuda`` on dask-cuda, else ``cpu``).
     """
     from .dataset import load_dataset
     from .models import ModelSpec
@@ -67,7 +75,9 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     with engine_scope(engine, workers, engine_options) as ex:
         return run_featurize(ex, manifest, store, model=ModelSpec(model, layer, weights),
                              batch_size=batch_size, dtype=dtype, chunk_rows=chunk_rows,
-                             compile=compile, device=device, precision=precision, seed=seed,
+                             compile=compile,
+                             device=device or getattr(ex, "default_device", "cpu"),
+                             precision=precision, views=views, seed=seed,
                              split_config=split_config, storage_options=storage_options,
                              overwrite=overwrite, progress=progress)
 

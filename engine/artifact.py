@@ -111,7 +111,9 @@ class TransferModel:
                              f"expected {FORMAT!r}.")
         self.classes: list[str] = list(self.config["classes"])
         self.spec = ModelSpec.from_dict(self.config["backbone"])
-        self.preprocess = Preprocess.from_dict(self.config["preprocess"])
+        pp = dict(self.config["preprocess"])
+        self.views: str = pp.pop("views", "center")
+        self.preprocess = Preprocess.from_dict(pp)
         self.feature_dim = int(self.config["feature_dim"])
         self.head_config = HeadConfig.from_dict(self.config["head"])
         raw = load_file(str(self.dir / "head.safetensors"))
@@ -136,7 +138,8 @@ class TransferModel:
     def predict(self, paths: Sequence[str] | str, *, top_k: int = 5, batch_size: int = 16,
                 storage_options: Mapping | None = None) -> list[Prediction]:
         """Classify image files (paths or fsspec URLs); bad files get an ``error``, not a crash."""
-        from .featurize import FeaturizeSpec, _reason, get_runner, load_image, preprocess_batch
+        from .featurize import (FeaturizeSpec, _reason, forward_views, get_runner, load_image,
+                                preprocess_batch)
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [str(paths)]
@@ -149,7 +152,7 @@ class TransferModel:
 
         def flush() -> None:
             failed = preprocess_batch(runner, images)
-            feats = runner.forward(len(images))
+            feats = forward_views(runner, len(images), self.views)
             probs = self.predict_proba_features(feats)
             for j, i in enumerate(batch_idx):
                 if j in failed:
@@ -184,15 +187,19 @@ class TransferModel:
         backbone = create_backbone(self.spec)
 
         class Pipeline(torch.nn.Module):
-            def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
+            def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, flip: bool):
                 super().__init__()
                 self.backbone = backbone
                 self.head = head
+                self.flip = flip
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return torch.softmax(self.head(self.backbone(x)), dim=1)
+                f = self.backbone(x)
+                if self.flip:  # the same views the features were made with
+                    f = (f + self.backbone(torch.flip(x, dims=[3]))) * 0.5
+                return torch.softmax(self.head(f), dim=1)
 
-        return Pipeline(backbone, self.head).eval()
+        return Pipeline(backbone, self.head, self.views == "center+flip").eval()
 
     def export(self, path: str | os.PathLike, *, format: str = "torchscript") -> Path:  # noqa: A002
         """Export the whole pipeline for serving (input: preprocessed NCHW float32 images).

@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--chunk-rows", type=int, default=256, help="images per task / Zarr chunk")
     f.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     f.add_argument("--compile", action="store_true", help="torch.compile the network")
-    f.add_argument("--device", default="cpu", help="cpu or cuda")
+    f.add_argument("--views", default="center", choices=["center", "center+flip"],
+                   help="center+flip: average the features of each image and its mirror (2x compute)")
+    f.add_argument("--device", default=None, help="cpu or cuda (default: the engine's)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing store")
     f.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     _add_engine_args(f)
@@ -119,7 +121,8 @@ def cmd_featurize(args: argparse.Namespace) -> int:
                     per_class_train=args.per_class_train, per_class_val=args.per_class_val,
                     exclude_classes=args.exclude_class, seed=args.seed,
                     batch_size=args.batch_size, dtype=args.dtype, chunk_rows=args.chunk_rows,
-                    compile=args.compile, device=args.device, overwrite=args.overwrite,
+                    compile=args.compile, device=args.device, views=args.views,
+                    overwrite=args.overwrite,
                     progress=not args.json)
     _print_featurize(rep, args.json)
     return 0

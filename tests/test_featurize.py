@@ -155,3 +155,27 @@ def test_clear_errors(dataset, tmp_path):
         dt.featurize(root, str(tmp_path / "s.zarr"), engine="ray")
     with pytest.raises(StoreError, match="in-memory"):
         dt.featurize(root, "memory://x.zarr", workers=2)
+
+
+def test_flip_views_average_the_image_and_its_mirror(dataset, featurized, tmp_path):
+    root, _ = dataset
+    store, _ = featurized
+    with LocalExecutor(0, threads_per_worker=1) as ex:
+        dt.featurize(root, str(tmp_path / "flip.zarr"), engine=ex, chunk_rows=8, batch_size=4,
+                     split="train=0.5,val=0.25,test=0.25", views="center+flip", progress=False)
+    flip, center = open_store(str(tmp_path / "flip.zarr")), open_store(store)
+    assert flip.attrs["preprocess"]["views"] == "center+flip"
+    rows = np.flatnonzero(center["ok"][:])[:4]
+    bb = create_backbone(ModelSpec("efficientnet_lite0"))
+    pp = bb.preprocess
+    from PIL import Image
+
+    imgs = [np.asarray(Image.open(str(center["paths"][r])).convert("RGB")) for r in rows]
+    x = np.stack([reference_preprocess(i, resize=pp.resize, crop=pp.crop, mean=pp.mean,
+                                       std=pp.std) for i in imgs])
+    with torch.inference_mode():
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        expected = ((bb(t) + bb(torch.flip(t, dims=[3]))) / 2).numpy()
+    got = flip.read_rows(rows)[0]
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    assert not np.allclose(got, center.read_rows(rows)[0], atol=1e-3)
