@@ -35,3 +35,25 @@ def add_values(a: Any, b: Any) -> Any:
     va = a["value"] if isinstance(a, dict) else a
     vb = b["value"] if isinstance(b, dict) else b
     return va + vb
+
+
+def warm_up(task: Any, shared: Any) -> int:
+    """Import the core's steps in a worker (torch, numba kernels, the training step).
+
+    Run once per worker before a timed job so that start-up is measured on its own, the
+    way a cluster's start-up is reported apart from its jobs.
+    """
+    import torch  # noqa: F401
+
+    from . import evaluate, featurize, kernels  # noqa: F401
+    from .train import averaging  # noqa: F401
+
+    return os.getpid()
+
+
+def start_workers(executor: Any) -> float:
+    """Start every worker of ``executor`` and import the core there; returns the seconds taken."""
+    t0 = time.perf_counter()
+    n = max(1, int(getattr(executor, "n_workers", 1)))
+    executor.map_reduce(warm_up, list(range(n)), lambda a, b: a, affinity=list(range(n)))
+    return time.perf_counter() - t0

@@ -1,0 +1,283 @@
+"""The Spark engine against the shared engine checks, on local[2] and on a real cluster.
+
+    .venv/bin/python -m pytest tests/test_engine_spark.py -q
+
+The conformance suite (engine_checks.py) and the job checks (engine_job_checks.py: the local
+engine's store row for row, the same head bit for bit, killed workers) run twice: on
+``local[2,4]`` (one JVM, two Python workers) and on ``local-cluster[2,1,1024]`` (a
+standalone master and worker in the driver JVM, two executor JVMs with one core each). One
+session per master for the whole module; the fixture's teardown stops the session and the
+driver JVM, and with it the cluster's JVMs, and checks that none is left. Last, the real
+``spark-submit`` runs the CLI's featurize through adapters/spark_submit.py.
+"""
+from __future__ import annotations
+
+import operator
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyspark")
+if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+    pytest.skip("the Spark engine needs Java", allow_module_level=True)
+
+import engine_checks  # noqa: E402
+from engine_checks import *  # noqa: E402,F401,F403 - the conformance suite
+from pyspark import cloudpickle  # noqa: E402
+
+from deeptransfer.adapters.local import tree_combine  # noqa: E402
+from deeptransfer.adapters.spark import PairwiseTree, SparkExecutor  # noqa: E402
+from deeptransfer.diagnostics import add_values, probe  # noqa: E402
+from deeptransfer.errors import EngineUnavailableError, InvalidParameterError  # noqa: E402
+
+if os.path.exists(os.path.join(os.path.dirname(__file__), "engine_job_checks.py")):
+    from engine_job_checks import *  # noqa: F401,F403 - featurize/train row for row, faults
+
+pytestmark = [pytest.mark.spark, pytest.mark.filterwarnings(
+    "ignore:PySpark does not yet fully support pandas:FutureWarning")]
+
+# Steps defined in test modules (which the workers cannot import) travel by value; the core's
+# steps travel by reference, as in production.
+cloudpickle.register_pickle_by_value(engine_checks)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MASTERS = ["local", "local-cluster[2,1,1024]"]
+
+
+@pytest.fixture(scope="module", params=MASTERS)
+def executor(request):
+    ex = SparkExecutor(2) if request.param == "local" else SparkExecutor(master=request.param)
+    try:
+        yield ex
+    finally:
+        jvms = _jvms_started_here()
+        assert len(jvms) == (1 if request.param == "local" else 3), jvms  # driver (+ executors)
+        ex.close()
+        _assert_gone(jvms)
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _jvms_started_here() -> list[int]:
+    """The JVMs below this process: the driver, and a local-cluster's executors under it."""
+    jvms = []
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "java":
+                    jvms.append(pid)
+        except OSError:
+            pass
+    return jvms
+
+
+def _assert_gone(pids: list[int], timeout: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}")
+                 and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        time.sleep(0.2)
+    assert not alive, f"JVMs outlived the session: {alive}"
+
+
+# Spark cannot pin a task to one Python process: an executor hands each task to any of its
+# idle Python workers, and local[N] is one executor with N of them. What this engine does
+# guarantee: all tasks of one affinity slot run in one Spark task, so in one Python process,
+# in a given round; and on executors with one core (the local-cluster case here, YARN with
+# --executor-cores 1), the persisted anchor partition of a slot is scheduled back to the
+# executor that cached it, so the slot stays in the same process from round to round.
+def test_affinity_pins_tasks_to_workers(executor):
+    n = executor.n_workers
+    tasks = list(range(3 * n))
+    affinity = [i % n for i in tasks]
+
+    def pids_of_slots() -> dict[int, set]:
+        res = executor.map_reduce(engine_checks._probe_list, tasks, operator.add,
+                                  affinity=affinity)
+        assert sorted(v for v, _ in res) == tasks
+        pids: dict[int, set] = {}
+        for value, pid in res:
+            pids.setdefault(affinity[value], set()).add(pid)
+        return pids
+
+    rounds = [pids_of_slots() for _ in range(3)]
+    for pids in rounds:
+        assert sorted(pids) == list(range(n))
+        for slot, procs in pids.items():
+            assert len(procs) == 1, f"slot {slot} ran in several processes in one round: {procs}"
+            assert os.getpid() not in procs
+    if executor.master.startswith("local-cluster"):
+        assert rounds[1] == rounds[2] == rounds[0], "a slot moved to another executor"
+
+
+def test_map_unordered_yields_while_the_job_runs(executor):
+    """The first result arrives before the slowest task has finished (progress bars)."""
+    import time
+
+    tasks = [{"value": 0}, {"value": 1, "sleep": 4.0}]
+    it = executor.map_unordered(probe, tasks)
+    t0 = time.perf_counter()
+    i, first = next(it)
+    t_first = time.perf_counter() - t0
+    rest = list(it)
+    t_all = time.perf_counter() - t0
+    assert first["value"] == 0 and [r["value"] for _, r in rest] == [1]
+    assert t_all - t_first > 2.0, f"first result at {t_first:.1f} s, all at {t_all:.1f} s"
+
+
+def test_abandoned_iterator_cancels_the_job(executor):
+    it = executor.map_unordered(probe, [{"value": 0}] + [{"value": i, "sleep": 30} for i in (1, 2)])
+    assert next(it)[1]["value"] == 0
+    it.close()  # must not wait 30 s for the sleeping tasks
+    assert dict(executor.map_unordered(probe, [7]))[0]["value"] == 7
+
+
+def test_map_reduce_tree_of_many_partitions(executor):
+    """More partitions than depth**2: treeAggregate adds a shuffle level, same total."""
+    tasks = list(range(1, 41))
+    assert executor.map_reduce(probe, tasks, add_values, shared={"w": 1}) == sum(tasks)
+
+
+def _label(task, shared):
+    return str(task)
+
+
+def _paren(a, b):
+    return f"({a}+{b})"
+
+
+@pytest.mark.parametrize("n", [1, 3, 13, 40])
+def test_map_reduce_combines_in_the_local_engines_order(executor, n):
+    """Not just the same total: the same combine calls, so float sums round the same way."""
+    want = tree_combine([str(i) for i in range(n)], _paren)
+    assert executor.map_reduce(_label, list(range(n)), _paren) == want
+    affinity = [(7 * i) % 5 for i in range(n)]  # slots holding scattered tasks
+    assert executor.map_reduce(_label, list(range(n)), _paren, affinity=affinity) == want
+
+
+def test_pairwise_tree_matches_tree_combine_in_any_grouping():
+    import random
+
+    rng = random.Random(0)
+    for n in [1, 2, 3, 5, 8, 13, 31, 64, 100]:
+        want = tree_combine([str(i) for i in range(n)], _paren)
+        for _ in range(20):
+            tree = PairwiseTree(n, _paren)
+            order = rng.sample(range(n), n)
+            cuts = sorted(rng.sample(range(1, n), rng.randint(0, n - 1))) if n > 1 else []
+            parts = [next(tree.fold((i, str(i)) for i in order[a:b]))
+                     for a, b in zip([0] + cuts, cuts + [n])]
+            while len(parts) > 1:
+                a = parts.pop(rng.randrange(len(parts)))
+                b = parts.pop(rng.randrange(len(parts)))
+                parts.append(tree.merge(a, b))
+            assert tree.root(parts[0]) == want
+
+
+def test_empty_task_list(executor):
+    assert list(executor.map_unordered(probe, [])) == []
+    with pytest.raises(InvalidParameterError):
+        executor.map_reduce(probe, [], add_values)
+
+
+def test_map_reduce_error_surfaces(executor):
+    with pytest.raises(Exception, match="failed on purpose"):
+        executor.map_reduce(probe, [{"value": 1}, {"value": 2, "fail": True}], add_values)
+    assert executor.map_reduce(probe, [1, 2], add_values) == 3
+
+
+# -- without a session ---------------------------------------------------------------------------
+def test_no_java_is_one_clear_error(monkeypatch, tmp_path):
+    from pyspark import SparkContext
+
+    monkeypatch.setattr(SparkContext, "_gateway", None)  # as if no JVM had started yet
+    monkeypatch.setattr(SparkContext, "_active_spark_context", None)
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(EngineUnavailableError, match="Java 17 or 21 runtime"):
+        SparkExecutor(1)
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path))
+    with pytest.raises(EngineUnavailableError, match="has no bin/java"):
+        SparkExecutor(1)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"n_workers": 0}, {"tree_depth": 0}, {"max_failures": 0}, {"storage_level": "RAM"},
+    {"master": ""}, {"session": "mine"}, {"session": "active", "master": "yarn"},
+    {"n_workers": 2, "master": "local[2]"}, {"ui": "yes"}, {"conf": ["a"]},
+])
+def test_bad_options(kwargs):
+    with pytest.raises(InvalidParameterError):
+        SparkExecutor(**kwargs)
+
+
+def test_engine_selector_builds_the_spark_engine():
+    from deeptransfer.engines import get_executor
+
+    # a bad option is reported before any JVM starts
+    with pytest.raises(InvalidParameterError, match="tree_depth"):
+        get_executor("spark", {"n_workers": 2, "tree_depth": 0})
+    with pytest.raises(InvalidParameterError, match="Bad option"):
+        get_executor("spark", {"workers": 2})
+
+
+def test_spark_submit_entry_script_is_standalone():
+    """spark-submit runs the file by path: it must not need the package layout to start."""
+    from deeptransfer.adapters import spark_submit
+
+    src = open(spark_submit.__file__).read()
+    assert "from deeptransfer" in src and "__main__" in src
+    out = subprocess.run([sys.executable, spark_submit.__file__, "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "spark-submit" in out.stdout
+
+
+@pytest.mark.slow
+def test_spark_submit_runs_featurize_on_its_session(tmp_path):
+    """`spark-submit $(python -m deeptransfer spark-entry) featurize ...`, as deploy/spark.md says."""
+    import json
+
+    from PIL import Image
+    from pyspark.find_spark_home import _find_spark_home
+
+    entry = subprocess.run([sys.executable, "-m", "deeptransfer", "spark-entry"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert os.path.isfile(entry) and entry.endswith("spark_submit.py")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(
+                tmp_path / "photos" / cls / f"{k}.jpg")
+    store = tmp_path / "features.zarr"
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
+               SPARK_LOCAL_IP="127.0.0.1")
+    cmd = [os.path.join(_find_spark_home(), "bin", "spark-submit"), "--master", "local[1]",
+           "--conf", "spark.ui.enabled=false", entry,
+           "featurize", str(tmp_path / "photos"), str(store), "--chunk-rows", "2", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["engine"] == "spark" and report["featurized"] == 4
