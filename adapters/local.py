@@ -17,7 +17,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Sequence
 
-from deeptransfer.errors import InvalidParameterError, check_int
+from deeptransfer.errors import InvalidParameterError, TaskError, check_int
 
 #: glibc malloc settings for workers: keep large freed blocks in the heap instead of
 #: returning them to the OS, so each forward pass does not page-fault its activations in
@@ -26,10 +26,6 @@ from deeptransfer.errors import InvalidParameterError, check_int
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 
 _env_lock = threading.Lock()
-
-
-class TaskError(RuntimeError):
-    """A task raised in a worker; the worker's traceback is in the message."""
 
 
 def _worker_main(conn: Connection, threads: int) -> None:
@@ -202,11 +198,22 @@ class LocalExecutor:
             if w.busy is not None or not q:
                 return
             i = q.popleft()
-            send_shared = w.job_with_shared != job
-            w.conn.send(("run", job, fn, i, tasks[i], send_shared, shared if send_shared else None))
+            for attempt in range(2):
+                send_shared = w.job_with_shared != job
+                try:
+                    w.conn.send(("run", job, fn, i, tasks[i], send_shared,
+                                 shared if send_shared else None))
+                    break
+                except (BrokenPipeError, ConnectionError, OSError):
+                    if attempt:
+                        raise
+                    w = self._restart(w)  # it died while idle: a fresh one takes the task
             w.job_with_shared = job
             w.busy = i
 
+        for w in list(self._workers):  # replace workers that died between jobs
+            if not w.proc.is_alive():
+                self._restart(w)
         try:
             for w in list(self._workers):
                 feed(w)

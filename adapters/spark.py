@@ -47,7 +47,7 @@ from pyspark import SparkContext, StorageLevel
 from pyspark.accumulators import AccumulatorParam
 from pyspark.sql import SparkSession
 
-from deeptransfer.adapters.local import TaskError
+from deeptransfer.errors import TaskError
 from deeptransfer.errors import (EngineUnavailableError, InvalidParameterError, check_choice,
                                  check_int)
 

@@ -11,7 +11,7 @@ The features column is ``array<float>``, or an ML Vector with ``outputType="vect
 Spark ML's own estimators take, e.g. in a Pipeline before LogisticRegression); an image
 that cannot be read or decoded gets a null, never a failed job. Each Python worker builds
 the model once (the core's ``get_runner`` cache; keep ``spark.python.worker.reuse`` on,
-Spark's default) and runs the same per-image steps as ``deeptransfer.featurize``
+Spark's default) and runs the same per-image steps as ``deeptransfer.featurization``
 (``load_image`` / ``decode_image`` -> ``preprocess_batch`` -> ``runner.forward``), so the
 features equal the Zarr store's.
 
@@ -157,7 +157,7 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
     def _spec(self) -> Any:
         """The worker's FeaturizeSpec; unknown model or layer names fail here, on the driver."""
         from deeptransfer.errors import check_int
-        from deeptransfer.featurize import FeaturizeSpec
+        from deeptransfer.featurization import FeaturizeSpec
         from deeptransfer.models import ModelSpec, get_model_info
         from deeptransfer.models.registry import resolve_layer
 
@@ -182,7 +182,7 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
 def _features_udf(spec: Any, binary: bool) -> Any:
     @pandas_udf(ArrayType(FloatType()))  # type: ignore[call-overload]
     def features(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        from deeptransfer.featurize import get_runner
+        from deeptransfer.featurization import get_runner
 
         runner = get_runner(spec)  # built once per Python worker, then cached
         for values in batches:
@@ -210,7 +210,7 @@ def featurize_values(runner: Any, values: List[Any], *, binary: Optional[bool] =
     buffer ``runner.batch_size`` images at a time, forward; a file that cannot be read or
     decoded, a degenerate image and non-finite features give None.
     """
-    from deeptransfer.featurize import load_image, preprocess_batch
+    from deeptransfer.featurization import load_image, preprocess_batch
     from deeptransfer.kernels import decode_image
 
     out: List[Optional[np.ndarray]] = [None] * len(values)
@@ -292,7 +292,7 @@ def _worker_model(files: dict) -> Any:
 def _predict_values(files: dict, batch_size: int, values: List[Any]
                     ) -> List[Optional[np.ndarray]]:
     """Class probabilities of each image (a path or encoded bytes); None where it fails."""
-    from deeptransfer.featurize import FeaturizeSpec, get_runner
+    from deeptransfer.featurization import FeaturizeSpec, get_runner
 
     model = _worker_model(files)
     runner = get_runner(FeaturizeSpec(store_url="", model=model.spec, batch_size=batch_size))

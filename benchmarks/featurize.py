@@ -96,7 +96,7 @@ def link_subset(manifest, root: str) -> str:
 
 
 def decoded_images(paths: list[str], target: int) -> list[np.ndarray]:
-    from deeptransfer.featurize import load_image
+    from deeptransfer.featurization import load_image
 
     out = []
     for p in paths:

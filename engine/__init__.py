@@ -12,10 +12,10 @@ from .api import evaluate, featurize, info, load, train, train_config  # noqa: E
 from .engines import available_engines, get_executor  # noqa: E402
 from .errors import (  # noqa: E402
     DatasetNotFoundError, DeeptransferError, EngineUnavailableError, InvalidParameterError,
-    StoreError, UnknownModelError, WeightsNotFoundError)
+    StoreError, TaskError, UnknownModelError, WeightsNotFoundError)
 
 __all__ = [
     "featurize", "train", "evaluate", "load", "train_config", "info", "get_executor", "available_engines", "DeeptransferError",
     "InvalidParameterError", "DatasetNotFoundError", "UnknownModelError",
-    "WeightsNotFoundError", "StoreError", "EngineUnavailableError", "__version__",
+    "WeightsNotFoundError", "StoreError", "EngineUnavailableError", "TaskError", "__version__",
 ]

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from .engines import check_engine, get_executor
 from .executor import Executor
-from .featurize import FeaturizeReport, run_featurize
+from .featurization import FeaturizeReport, run_featurize
 
 
 @contextmanager
@@ -100,7 +100,7 @@ def train_config(config: Any = None, **options: Any) -> Any:
     from dataclasses import fields, replace
 
     from .errors import InvalidParameterError
-    from .train import HeadConfig, OptimizerConfig, TrainConfig
+    from .training import HeadConfig, OptimizerConfig, TrainConfig
 
     base = TrainConfig() if config is None else TrainConfig.from_dict(config)
     head_f = {f.name for f in fields(HeadConfig)} - {"kind"}
@@ -158,7 +158,7 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
 
     from .artifact import save_model
     from .store import open_store
-    from .train import train_head
+    from .training import train_head
 
     check_engine(engine)
     cfg = train_config(config, **options)
@@ -191,7 +191,7 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     import json
     import os
 
-    from . import evaluate as ev
+    from . import evaluation as ev
     from .artifact import load, update_metrics
     from .errors import InvalidParameterError
     from .store import open_store

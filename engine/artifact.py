@@ -98,7 +98,7 @@ class TransferModel:
         from safetensors.numpy import load_file
 
         from .models import ModelSpec, Preprocess
-        from .train.heads import HeadConfig, head_from_params
+        from .training.heads import HeadConfig, head_from_params
 
         self.dir = Path(model_dir)
         cfg_path = self.dir / "config.json"
@@ -138,7 +138,7 @@ class TransferModel:
     def predict(self, paths: Sequence[str] | str, *, top_k: int = 5, batch_size: int = 16,
                 storage_options: Mapping | None = None) -> list[Prediction]:
         """Classify image files (paths or fsspec URLs); bad files get an ``error``, not a crash."""
-        from .featurize import (FeaturizeSpec, _reason, forward_views, get_runner, load_image,
+        from .featurization import (FeaturizeSpec, _reason, forward_views, get_runner, load_image,
                                 preprocess_batch)
 
         if isinstance(paths, (str, os.PathLike)):

@@ -258,7 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import evaluate
-    from .evaluate import format_report
+    from .evaluation import format_report
 
     m = evaluate(args.model_dir, args.store, split=args.split, engine=args.engine,
                  workers=args.workers, engine_options=_engine_options(args), report_dir=args.report)

@@ -45,8 +45,8 @@ def warm_up(task: Any, shared: Any) -> int:
     """
     import torch  # noqa: F401
 
-    from . import evaluate, featurize, kernels  # noqa: F401
-    from .train import averaging  # noqa: F401
+    from . import evaluation, featurization, kernels  # noqa: F401
+    from .training import averaging  # noqa: F401
 
     return os.getpid()
 

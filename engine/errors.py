@@ -35,6 +35,11 @@ class EngineUnavailableError(DeeptransferError, ImportError):
     """An engine whose package, runtime (Java) or hardware (GPU) is missing."""
 
 
+class TaskError(DeeptransferError, RuntimeError):
+    """A task failed on a worker (after the engine's retries); the worker's traceback is in
+    the message."""
+
+
 def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None,
               where: str = "") -> int:
     """Validate an integer option with scikit-learn's message template."""

@@ -81,3 +81,17 @@ def test_dead_worker_task_is_rerun(executor, tmp_path):
     assert os.path.exists(marker), "the probe never killed its worker"
     assert sorted(r["value"] for r in out.values()) == [0, 1, 2, 3, 4]
     assert dict(executor.map_unordered(probe, [9]))[0]["value"] == 9
+
+
+def test_worker_killed_between_jobs(executor):
+    """A worker that died while idle must not break the next job."""
+    import signal
+    import time
+
+    dict(executor.map_unordered(probe, list(range(executor.n_workers))))  # workers are up
+    pids = executor.worker_pids()
+    assert pids
+    os.kill(pids[0], signal.SIGKILL)
+    time.sleep(0.5)
+    out = dict(executor.map_unordered(probe, list(range(6))))
+    assert sorted(r["value"] for r in out.values()) == list(range(6))

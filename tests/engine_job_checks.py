@@ -14,10 +14,10 @@ import pytest
 
 from deeptransfer.adapters.local import LocalExecutor
 from deeptransfer.dataset import load_dataset
-from deeptransfer.featurize import run_featurize
+from deeptransfer.featurization import run_featurize
 from deeptransfer.models import ModelSpec
 from deeptransfer.store import open_store
-from deeptransfer.train import TrainConfig, train_head
+from deeptransfer.training import TrainConfig, train_head
 from photos import make_photo_dataset
 
 FEATURIZE = dict(model=ModelSpec("efficientnet_lite0"), chunk_rows=4, batch_size=4)

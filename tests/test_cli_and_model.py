@@ -128,3 +128,12 @@ def test_models_and_spark_entry(capsys):
     assert "fc2:4096" in capsys.readouterr().out
     assert main(["spark-entry"]) == 0
     assert capsys.readouterr().out.strip().endswith("spark_submit.py")
+
+
+def test_api_functions_survive_importing_the_core_modules():
+    import deeptransfer.evaluation  # noqa: F401
+    import deeptransfer.featurization  # noqa: F401
+    import deeptransfer.training.loop  # noqa: F401
+
+    assert callable(dt.train) and callable(dt.evaluate) and callable(dt.featurize)
+    assert dt.train.__module__ == "deeptransfer.api"

@@ -12,10 +12,10 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
 
 from deeptransfer.dataset import Manifest
 from deeptransfer.errors import InvalidParameterError
-from deeptransfer.evaluate import (cross_entropy, evaluate, format_report, metrics, plot_confusion,
+from deeptransfer.evaluation import (cross_entropy, evaluate, format_report, metrics, plot_confusion,
                                    predict_split)
 from deeptransfer.store import create_store, open_store
-from deeptransfer.train import HeadConfig, build_head, head_params
+from deeptransfer.training import HeadConfig, build_head, head_params
 
 
 class SerialExecutor:

@@ -11,7 +11,7 @@ from deeptransfer.adapters.local import LocalExecutor
 from deeptransfer.dataset import load_dataset
 from deeptransfer.errors import (DatasetNotFoundError, InvalidParameterError, StoreError,
                                  UnknownModelError)
-from deeptransfer.featurize import run_featurize
+from deeptransfer.featurization import run_featurize
 from deeptransfer.kernels import reference_preprocess
 from deeptransfer.models import ModelSpec, create_backbone
 from deeptransfer.store import open_store

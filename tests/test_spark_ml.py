@@ -1,4 +1,4 @@
-"""Spark ML: DeepImageFeaturizer on real photos gives the features `deeptransfer.featurize` stores.
+"""Spark ML: DeepImageFeaturizer on real photos gives the features `deeptransfer.featurization` stores.
 
     .venv/bin/python -m pytest tests/test_spark_ml.py -q
 
@@ -161,8 +161,8 @@ def test_in_a_pipeline_with_spark_ml_classifier(spark, photos):
 # -- a trained model: DeepImagePredictor and the SQL function ------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(photos, tmp_path_factory):
-    # deeptransfer.api.train: once the deeptransfer.train sub-package has been imported (the
-    # job checks do), the package attribute `deeptransfer.train` is that module
+    # deeptransfer.api.train: once the deeptransfer.training sub-package has been imported (the
+    # job checks do), the package attribute `deeptransfer.training` is that module
     from deeptransfer.api import train
 
     _, _, store = photos

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from deeptransfer.dataset import Manifest
 from deeptransfer.errors import InvalidParameterError
 from deeptransfer.store import create_store, open_store
-from deeptransfer.train import (HeadConfig, OptimizerConfig, ShardResult, TrainConfig, average,
+from deeptransfer.training import (HeadConfig, OptimizerConfig, ShardResult, TrainConfig, average,
                                 build_head, combine, head_params, lr_at, train_head)
-from deeptransfer.train import loop as loop_mod
-from deeptransfer.train import shards
-from deeptransfer.train.heads import balanced_class_weights, loss_fn
-from deeptransfer.train.shards import ShardTask, load_round, partition_rows, partition_sizes
+from deeptransfer.training import loop as loop_mod
+from deeptransfer.training import shards
+from deeptransfer.training.heads import balanced_class_weights, loss_fn
+from deeptransfer.training.shards import ShardTask, load_round, partition_rows, partition_sizes
 
 # ---------------------------------------------------------------------------------------------
 # fixtures: executors and synthetic stores
@@ -441,7 +441,7 @@ def test_byte_lru_evicts_least_recent():
     HeadConfig("softmax", input_dropout=0.2, batch_norm=True),  # the Caltech-256 head
 ])
 def test_training_learns_separable_features(blobs, tmp_path, head):
-    from deeptransfer.evaluate import evaluate
+    from deeptransfer.evaluation import evaluate
 
     c = TrainConfig(head=head, optimizer=OptimizerConfig("nesterov", lr=0.05), workers=2,
                     batch_size_per_worker=16, averaging_frequency=2, epochs=6, patience=3, seed=0)
@@ -462,7 +462,7 @@ def test_batch_norm_head_trains_on_a_last_minibatch_of_one(tmp_path):
 
 
 def test_early_stopping_stops_and_keeps_the_best_head(blobs, tmp_path):
-    from deeptransfer.evaluate import cross_entropy, predict_split
+    from deeptransfer.evaluation import cross_entropy, predict_split
 
     c = TrainConfig(optimizer=OptimizerConfig("adam", lr=0.05), workers=2,
                     batch_size_per_worker=16, averaging_frequency=2, epochs=40, patience=2)
@@ -592,7 +592,7 @@ def test_resume_refuses_other_settings_and_resume_false_starts_over(blobs, tmp_p
 
 
 def test_checkpoint_round_trips_without_pickle(tmp_path):
-    from deeptransfer.train import load_checkpoint
+    from deeptransfer.training import load_checkpoint
 
     p = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(3, np.int64)}
     s = {"x.step": np.array(2.0, np.float32)}
@@ -624,7 +624,7 @@ def test_lr_schedules():
 
 
 def test_weight_decay_is_l2_on_weights_only():
-    from deeptransfer.train.optim import make_optimizer
+    from deeptransfer.training.optim import make_optimizer
 
     head = build_head(HeadConfig("softmax", batch_norm=True), 4, 3, seed=0)
     before = head_params(head)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InvalidParameterError, StoreError, check_choice, check_float, check_int
-from ..evaluate import cross_entropy, metrics, predict_split
+from ..evaluation import cross_entropy, metrics, predict_split
 from ..executor import Executor
 from ..store import open_store
 from .averaging import RoundState, average, combine, fit_shard

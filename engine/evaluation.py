@@ -120,9 +120,9 @@ def predict_rows(task: PredictTask, shared: PredictState) -> Predictions:
     """Executor step: the head's logits on one block of rows, read by the worker itself."""
     import torch
 
-    from .train.averaging import one_torch_thread
-    from .train.heads import head_from_params
-    from .train.shards import read_cached, split_rows
+    from .training.averaging import one_torch_thread
+    from .training.heads import head_from_params
+    from .training.shards import read_cached, split_rows
 
     rows = split_rows(task.store_url, task.split, task.storage_options, task.store_key)
     rows = rows[task.start:task.stop]
@@ -147,7 +147,7 @@ def predict_split(executor: Executor, store_url: str, params: Mapping[str, np.nd
                   block_rows: int = 4096, cache_bytes: int = 0) -> Predictions:
     """Logits of the head on every (featurized) row of a split, in store order."""
     from .store import cached_store
-    from .train.shards import store_key
+    from .training.shards import store_key
 
     check_int("block_rows", block_rows, low=1, where="evaluate")
     store = cached_store(store_url, storage_options)
