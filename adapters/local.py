@@ -36,6 +36,10 @@ def _worker_main(conn: Connection, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+        # import the heavy parts of the core now, while the driver is still scanning the
+        # dataset, instead of during the first task
+        import deeptransfer.kernels  # noqa: F401
+        import deeptransfer.models  # noqa: F401
     except ImportError:  # pragma: no cover - torch is a core dependency
         pass
     shared_by_job: dict[int, Any] = {}
@@ -119,6 +123,8 @@ class LocalExecutor:
         self._workers: list[_Worker] = []
         self._job = 0
         self._closed = False
+        # started now, like a LocalCluster: the workers import torch while the caller plans
+        self._ensure_started()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _ensure_started(self) -> None:

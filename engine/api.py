@@ -66,13 +66,14 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     from .models import ModelSpec
 
     check_engine(engine)
-    manifest = load_dataset(dataset, split=split, per_class_train=per_class_train,
-                            per_class_val=per_class_val, exclude_classes=exclude_classes,
-                            seed=seed, storage_options=storage_options)
     split_config = {"split": split if isinstance(split, (str, type(None))) else dict(split),
                     "per_class_train": per_class_train, "per_class_val": per_class_val,
                     "exclude_classes": list(exclude_classes), "seed": seed}
+    # the engine starts first: its workers load torch while the driver scans the dataset
     with engine_scope(engine, workers, engine_options) as ex:
+        manifest = load_dataset(dataset, split=split, per_class_train=per_class_train,
+                                per_class_val=per_class_val, exclude_classes=exclude_classes,
+                                seed=seed, storage_options=storage_options)
         return run_featurize(ex, manifest, store, model=ModelSpec(model, layer, weights),
                              batch_size=batch_size, dtype=dtype, chunk_rows=chunk_rows,
                              compile=compile,
