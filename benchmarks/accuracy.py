@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
     target = min(avg["result"].best["val_top1"], single["result"].best["val_top1"])
     t_avg = time_to(avg["result"].history, target)
     t_single = time_to(single["result"].history, target)
+    # the strict target (the lower best) is reached by chance late or early on a small
+    # validation split; 99% of it measures the same thing with less noise. Both are printed.
+    t99_avg = time_to(avg["result"].history, 0.99 * target)
+    t99_single = time_to(single["result"].history, 0.99 * target)
     out = {
         "dataset": args.dataset, "model": args.model, "views": args.views, "images": rep.images,
         "classes": len(store.classes), "train": len(store.split_rows("train")),
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         "target_val_top1": target,
         "time_to_target_seconds": t_avg, "single_time_to_target_seconds": t_single,
         "time_to_target_ratio": (t_avg / t_single) if t_avg and t_single else None,
+        "time_to_99pct_target_seconds": t99_avg, "single_time_to_99pct_target_seconds": t99_single,
+        "time_to_99pct_target_ratio": (t99_avg / t99_single) if t99_avg and t99_single else None,
     }
     print(f"{out['classes']} classes: {out['train']} train / {out['val']} val / {out['test']} test "
           f"images, {args.model} features")
@@ -145,6 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     if out["time_to_target_ratio"] is not None:
         print(f"time to val top-1 {target:.4f}: {t_avg:.1f} s averaging vs {t_single:.1f} s single "
               f"process -> {out['time_to_target_ratio']:.2f}x")
+    if out["time_to_99pct_target_ratio"] is not None:
+        print(f"time to 99% of that ({0.99 * target:.4f}): {t99_avg:.1f} s averaging vs "
+              f"{t99_single:.1f} s single process -> {out['time_to_99pct_target_ratio']:.2f}x")
     if args.json:
         print(json.dumps(out))
     return out
