@@ -48,6 +48,7 @@ import dask
 from distributed import Client, Future, LocalCluster, as_completed
 
 from deeptransfer.adapters.local import MALLOC_TUNABLES, tree_combine
+from deeptransfer.executor import BaseExecutor
 from deeptransfer.errors import EngineUnavailableError, InvalidParameterError, check_int
 
 #: ``shared`` values whose pickle, times the number of tasks, stays under this many bytes go
@@ -124,7 +125,7 @@ def _start_cluster(factory: Callable[..., Any], worker_env: Mapping[str, Any],
                 os.environ[k] = v
 
 
-class DaskExecutor:
+class DaskExecutor(BaseExecutor):
     """Run the core's steps on a Dask cluster: a new LocalCluster, or an existing one.
 
     With neither ``address`` nor ``client``: a ``LocalCluster`` on 127.0.0.1 with
@@ -266,11 +267,6 @@ class DaskExecutor:
             self._cluster.close()
             self._cluster = None
 
-    def __enter__(self) -> "DaskExecutor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         where = "local cluster" if self._cluster is not None else self._client.scheduler.address
@@ -289,11 +285,7 @@ class DaskExecutor:
     def map_reduce(self, fn: Callable[..., Any], tasks: Sequence[Any],
                    combine: Callable[[Any, Any], Any], *, shared: Any = None,
                    affinity: Sequence[int] | None = None) -> Any:
-        tasks = list(tasks)
-        if not tasks:
-            raise InvalidParameterError("map_reduce needs at least one task.")
-        if affinity is not None and len(affinity) != len(tasks):
-            raise InvalidParameterError("affinity must give one worker slot per task.")
+        tasks = self.check_map_reduce(tasks, affinity)
         if len(tasks) <= DRIVER_REDUCE_MAX:
             # few partial results: gather each as it finishes, combine here (one round trip
             # fewer per tree level than combine tasks; see DRIVER_REDUCE_MAX)

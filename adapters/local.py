@@ -17,7 +17,8 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Sequence
 
-from deeptransfer.errors import InvalidParameterError, TaskError, check_int
+from deeptransfer.executor import BaseExecutor
+from deeptransfer.errors import TaskError, check_int
 
 #: glibc malloc settings for workers: keep large freed blocks in the heap instead of
 #: returning them to the OS, so each forward pass does not page-fault its activations in
@@ -99,7 +100,7 @@ class _Worker:
         self.conn.close()
 
 
-class LocalExecutor:
+class LocalExecutor(BaseExecutor):
     """Run the core's steps in ``n_workers`` local processes (``n_workers=0``: in this process).
 
     ``threads_per_worker`` defaults to the cores divided among the workers. ``max_retries``
@@ -149,11 +150,6 @@ class LocalExecutor:
         self._workers = []
         self._closed = True
 
-    def __enter__(self) -> "LocalExecutor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"LocalExecutor(n_workers={self.n_workers}, threads_per_worker={self.threads_per_worker})"
@@ -171,11 +167,7 @@ class LocalExecutor:
     def map_reduce(self, fn: Callable[..., Any], tasks: Sequence[Any],
                    combine: Callable[[Any, Any], Any], *, shared: Any = None,
                    affinity: Sequence[int] | None = None) -> Any:
-        tasks = list(tasks)
-        if not tasks:
-            raise InvalidParameterError("map_reduce needs at least one task.")
-        if affinity is not None and len(affinity) != len(tasks):
-            raise InvalidParameterError("affinity must give one worker slot per task.")
+        tasks = self.check_map_reduce(tasks, affinity)
         results: list[Any] = [None] * len(tasks)
         for i, r in self._run(fn, tasks, shared, affinity):
             results[i] = r

@@ -47,6 +47,7 @@ from pyspark import SparkContext, StorageLevel
 from pyspark.accumulators import AccumulatorParam
 from pyspark.sql import SparkSession
 
+from deeptransfer.executor import BaseExecutor
 from deeptransfer.errors import TaskError
 from deeptransfer.errors import (EngineUnavailableError, InvalidParameterError, check_choice,
                                  check_int)
@@ -101,7 +102,7 @@ class _Results(AccumulatorParam):
         return value1 + value2
 
 
-class SparkExecutor:
+class SparkExecutor(BaseExecutor):
     """Run the core's steps as Spark jobs.
 
     ``n_workers``: local[N] with no master (default: the cores here); with a YARN or
@@ -235,11 +236,6 @@ class SparkExecutor:
         if self._owns_gateway:
             _stop_gateway()
 
-    def __enter__(self) -> "SparkExecutor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SparkExecutor(master={self.master!r}, n_workers={self.n_workers})"
@@ -329,11 +325,7 @@ class SparkExecutor:
     def map_reduce(self, fn: Callable[..., Any], tasks: Sequence[Any],
                    combine: Callable[[Any, Any], Any], *, shared: Any = None,
                    affinity: Sequence[int] | None = None) -> Any:
-        tasks = list(tasks)
-        if not tasks:
-            raise InvalidParameterError("map_reduce needs at least one task.")
-        if affinity is not None and len(affinity) != len(tasks):
-            raise InvalidParameterError("affinity must give one worker slot per task.")
+        tasks = self.check_map_reduce(tasks, affinity)
         sc = self.sc
         bshared = sc.broadcast(shared) if shared is not None else None
         if affinity is None:

@@ -53,3 +53,31 @@ class Executor(Protocol):
     def __enter__(self) -> "Executor": ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+class BaseExecutor:
+    """What every adapter shares: the context manager and map_reduce's argument checks."""
+
+    name: str = "base"
+    n_workers: int = 0
+
+    def close(self) -> None:  # pragma: no cover - every adapter overrides it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def check_map_reduce(tasks: Sequence[Any], affinity: Sequence[int] | None) -> list[Any]:
+        """The tasks as a list; one affinity slot per task when affinity is given."""
+        from .errors import InvalidParameterError
+
+        tasks = list(tasks)
+        if not tasks:
+            raise InvalidParameterError("map_reduce needs at least one task.")
+        if affinity is not None and len(affinity) != len(tasks):
+            raise InvalidParameterError("affinity must give one worker slot per task.")
+        return tasks
