@@ -85,8 +85,12 @@ def _name_key(name: Any) -> tuple[int, Any]:
 def _worker_environ(threads: int, env: Mapping[str, Any] | None) -> dict[str, Any]:
     """Environment for worker processes this engine starts (applied before they exec)."""
     t = str(threads)
+    # No NUMBA_NUM_THREADS: a LocalCluster's nannies live in the driver and write these into
+    # its environment again whenever they restart a worker, and numba refuses a thread count
+    # that changes after its pool started. Workers need none: featurize runs the serial
+    # kernel, and each task sets torch's thread count itself.
     out: dict[str, Any] = {"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t,
-                           "OPENBLAS_NUM_THREADS": t, "NUMBA_NUM_THREADS": t}
+                           "OPENBLAS_NUM_THREADS": t}
     if "GLIBC_TUNABLES" not in os.environ and "GLIBC_TUNABLES" not in (env or {}):
         out["GLIBC_TUNABLES"] = MALLOC_TUNABLES
         # Dask's default MALLOC_TRIM_THRESHOLD_=65536 would fight the tunable's trim threshold

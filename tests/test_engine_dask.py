@@ -292,3 +292,12 @@ def _worker_env():
     with open("/proc/self/environ", "rb") as f:
         initial = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
     return {"initial": {k.decode(): v.decode(errors="replace") for k, v in initial.items()}}
+
+
+_NUMBA_THREADS_AT_IMPORT = os.environ.get("NUMBA_NUM_THREADS")
+
+
+def test_zz_driver_numba_threads_untouched_after_worker_restarts():
+    """Runs last in this module: nannies that restarted killed workers must not have changed
+    the driver's NUMBA_NUM_THREADS (numba refuses a change once its pool is up)."""
+    assert os.environ.get("NUMBA_NUM_THREADS") == _NUMBA_THREADS_AT_IMPORT
