@@ -1,0 +1,181 @@
+"""benchmarks/engines.py: the helpers, and one ``--quick`` run end to end on generated digits.
+
+The quick run starts every engine (Spark only where Java is found) and every peer on a few
+dozen of scikit-learn's digits written as PNG files, and checks that the last line of stdout
+is one JSON object with every field, sane values, and ratios that agree with the figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import engines  # noqa: E402  (benchmarks/engines.py)
+
+HAS_JAVA = bool(os.environ.get("JAVA_HOME") or shutil.which("java"))
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def test_fit_slope_is_the_exponent():
+    xs = [100, 200, 400, 800]
+    assert engines.fit_slope(xs, [0.01 * x for x in xs]) == pytest.approx(1.0)
+    assert engines.fit_slope(xs, [1e-5 * x * x for x in xs]) == pytest.approx(2.0)
+    assert engines.fit_slope(xs, [3.0] * 4) == pytest.approx(0.0, abs=1e-12)
+    assert engines.fit_slope([100], [1.0]) is None
+    assert engines.fit_slope([100, 100], [1.0, 2.0]) is None
+
+
+def test_fit_line_recovers_fixed_and_per_image_cost():
+    a, b = engines.fit_line([100, 200, 400], [2.0 + 0.01 * x for x in (100, 200, 400)])
+    assert a == pytest.approx(2.0) and b == pytest.approx(0.01)
+
+
+def test_time_to_target_sums_epochs_until_reached():
+    hist = [{"seconds": 1.0, "val_top1": 0.2}, {"seconds": 2.0, "val_top1": 0.5},
+            {"seconds": 4.0, "val_top1": 0.7}]
+    assert engines.time_to(hist, 0.5) == pytest.approx(3.0)
+    assert engines.time_to(hist, 0.1) == pytest.approx(1.0)
+    assert engines.time_to(hist, 0.9) is None
+    assert engines.time_to([{"seconds": 1.0, "val_top1": None}], 0.1) is None
+
+
+def test_ratios_and_aggregate_medians():
+    def run(name, kind, ips, epoch):
+        return {"kind": kind, "name": name, "featurize_ips": ips, "train_epoch_seconds": epoch,
+                "round_overhead_ms": 5.0 if epoch else None, "peak_rss_mb": 1000.0,
+                "startup_seconds": 2.0, "worker_peak_rss_mb": [300.0, 310.0],
+                "history": [{"seconds": 1.0, "val_top1": 0.9}] if epoch else None}
+
+    res = {"local": engines.aggregate([run("local", "engine", 100.0, 1.0),
+                                       run("local", "engine", 120.0, 3.0)], 0.5),
+           "forward_limit": engines.aggregate([run("forward_limit", "peer", 150.0, None)], 0.5)}
+    res["forward_limit"]["history"] = None
+    engines.add_ratios(res)
+    assert res["local"]["featurize_ips"] == pytest.approx(110.0)
+    assert res["local"]["train_epoch_seconds"] == pytest.approx(2.0)
+    assert res["local"]["samples"]["featurize_ips"] == [100.0, 120.0]
+    assert res["local"]["ratio_to_local"]["featurize_ips"] == pytest.approx(1.0)
+    assert res["forward_limit"]["ratio_to_local"]["featurize_ips"] == pytest.approx(150 / 110)
+    assert res["forward_limit"]["ratio_to_local"]["train_epoch_seconds"] is None
+    assert res["local"]["time_to_target_seconds"] == pytest.approx(1.0)
+
+
+# -- the quick run, end to end ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from deeptransfer.demo import make_digits_dataset
+
+    root = tmp_path_factory.mktemp("bench")
+    data = make_digits_dataset(root / "digits")
+    out = root / "out"
+    eng = "local,dask,spark" if HAS_JAVA else "local,dask"
+    peers = "pytorch,spark_udf,forward_limit" if HAS_JAVA else "pytorch,forward_limit"
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
+               PYSPARK_DRIVER_PYTHON=sys.executable)
+    cmd = [sys.executable, os.path.join(BENCH, "engines.py"), str(data), "--quick",
+           "--limit", "40", "--epochs", "2", "--split", "train=0.6,val=0.2,test=0.2",
+           "--engines", eng, "--peers", peers, "--out", str(out), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last), out, eng.split(","), peers.split(",")
+
+
+@pytest.mark.dask
+@pytest.mark.spark
+def test_quick_run_reports_every_field(quick_run):
+    out, out_dir, eng, peers = quick_run
+    res = out["results"]
+    assert set(res) == set(eng) | set(peers)
+    assert out["images"] == 40 and out["quick"] is True
+    for name, r in res.items():
+        for k in engines.FIELDS:
+            assert k in r, (name, k)
+        assert r["featurize_ips"] > 0 and math.isfinite(r["featurize_ips"]), name
+        assert r["peak_rss_mb"] > 50, name  # a process with torch imported
+        assert r["driver_peak_rss_mb"] <= r["peak_rss_mb"] + 1e-6
+        assert set(r["ratio_to_local"]) == set(engines.RATIO_FIELDS)
+        for k, q in r["ratio_to_local"].items():
+            a, b = r.get(k), res["local"].get(k)
+            if a is None or not b:
+                assert q is None, (name, k)
+            else:
+                assert q == pytest.approx(a / b, rel=1e-9), (name, k)
+    for name in eng:
+        r = res[name]
+        assert r["kind"] == "engine"
+        assert r["startup_seconds"] > 0
+        assert r["train_epoch_seconds"] > 0
+        assert r["round_overhead_ms"] >= 0 and r["round_compute_ms"] > 0
+        assert len(r["worker_peak_rss_mb"]) == 2, name
+        assert all(w > 50 for w in r["worker_peak_rss_mb"]), name
+        assert r["time_to_target_seconds"] is not None and r["time_to_target_seconds"] > 0
+    for k in engines.FIELDS + ("time_to_target_seconds",):
+        assert res["local"]["ratio_to_local"][k] == pytest.approx(1.0)
+    pt = res["pytorch"]
+    assert pt["kind"] == "peer" and pt["train_epoch_seconds"] > 0
+    assert pt["round_overhead_ms"] is None and pt["startup_seconds"] > 0
+    fl = res["forward_limit"]
+    assert fl["startup_seconds"] is None and fl["train_epoch_seconds"] is None
+    assert fl["best_batch"] in (8, 16)
+    if "spark_udf" in res:
+        assert res["spark_udf"]["startup_seconds"] > 0
+        assert res["spark_udf"]["train_epoch_seconds"] is None
+
+
+@pytest.mark.dask
+@pytest.mark.spark
+def test_quick_run_scaling_and_files(quick_run):
+    out, out_dir, _, _ = quick_run
+    sc = out["scaling"]
+    sizes = sorted({p["images"] for p in sc["points"]})
+    assert sizes == [10, 20, 40]
+    assert sorted({p["workers"] for p in sc["points"]}) == [1, 2]
+    for p in sc["points"]:
+        assert p["featurize_seconds"] > 0 and p["train_seconds"] > 0
+    for w in ("1", "2"):
+        assert math.isfinite(sc["fits"][w]["featurize_slope"])
+        assert math.isfinite(sc["fits"][w]["train_slope"])
+    for f in ("results.md", "results.json", "engines.png", "scaling.png", "runs.log"):
+        assert (out_dir / f).stat().st_size > 0, f
+    md = (out_dir / "results.md").read_text()
+    assert "featurize img/s" in md and "slope" in md
+    assert json.loads((out_dir / "results.json").read_text())["images"] == 40
+
+
+def test_cost_model_grows_communication_with_workers():
+    def eng(over, task):
+        return {"round_overhead_ms": over, "per_task_overhead_ms": task, "startup_seconds": 2.0}
+
+    heads = [{"in_dim": d, "classes": c, "params": d * c + c, "param_bytes_f32": 4 * (d * c + c),
+              "result_bytes": 24 * (d * c + c), "steps_ms": 1e-5 * d * c, "export_ms": 2e-6 * d * c}
+             for d, c in ((1280, 102), (1280, 257), (1280, 1000), (4096, 257), (4096, 1000))]
+    out = {"classes": 102, "cost_inputs": {"forward_ips": {"vgg16": {"ips": 5.0}}, "head_round": heads},
+           "results": {"local": {"worker_ms_per_image": {"read": 0.1, "preprocess": 1.0,
+                                                         "forward": 14.0, "task": 16.0},
+                                 "round_compute_ms": 2.0},
+                       "forward_limit": {"featurize_ips": 130.0},
+                       "dask": eng(15.0, 10.0), "spark": eng(95.0, 30.0)}}
+    cm = engines.cost_model(out)
+    assert len(cm["rows"]) == 2 * 2 * 2 * 3  # models x datasets x engines x worker counts
+    assert cm["inputs"]["forward_ms_per_image"]["vgg16"] == pytest.approx(14.0 * 130 / 5)
+    for model in ("efficientnet_lite0", "vgg16"):
+        for eng_name in ("dask", "spark"):
+            rows = [r for r in cm["rows"] if r["model"] == model and r["engine"] == eng_name
+                    and r["dataset"] == "ImageNet"]
+            assert [r["workers"] for r in rows] == [10, 100, 1000]
+            feats = [r["featurize_s"] for r in rows]
+            assert feats[0] > feats[1] > feats[2] > 0
+            assert rows[-1]["round_comm_ms"] > rows[0]["round_comm_ms"]
+    md = engines.cost_model_markdown(cm)
+    assert md.count("\n") == 2 + len(cm["rows"])
