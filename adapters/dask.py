@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import dask
 from distributed import Client, Future, LocalCluster, as_completed
 
-from deeptransfer.adapters.local import MALLOC_TUNABLES, tree_combine
+from deeptransfer.adapters.local import MALLOC_TUNABLES, preserved_environ, tree_combine
 from deeptransfer.executor import BaseExecutor
 from deeptransfer.errors import EngineUnavailableError, InvalidParameterError, check_int
 
@@ -117,16 +117,9 @@ def _start_cluster(factory: Callable[..., Any], worker_env: Mapping[str, Any],
     """
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **worker_env}
     touched = [k for k in pre_spawn] + ["PYTHONHASHSEED"]
-    saved = {k: os.environ.get(k) for k in touched}
-    try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
-            return factory(**kwargs)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with preserved_environ(touched), \
+            dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
+        return factory(**kwargs)
 
 
 class DaskExecutor(BaseExecutor):

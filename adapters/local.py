@@ -14,8 +14,9 @@ import os
 import threading
 import traceback
 from collections import deque
+from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from deeptransfer.executor import BaseExecutor
 from deeptransfer.errors import TaskError, check_int
@@ -27,6 +28,20 @@ from deeptransfer.errors import TaskError, check_int
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 
 _env_lock = threading.Lock()
+
+
+@contextmanager
+def preserved_environ(keys: Iterable[str]) -> Iterator[None]:
+    """Restore these environment variables (or their absence) when the block ends."""
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _worker_main(conn: Connection, threads: int) -> None:
@@ -70,19 +85,11 @@ class _Worker:
     def __init__(self, ctx: Any, slot: int, threads: int, env: dict[str, str]):
         self.slot = slot
         parent, child = ctx.Pipe()
-        with _env_lock:  # a spawned child copies os.environ at start
-            saved = {k: os.environ.get(k) for k in env}
+        with _env_lock, preserved_environ(env):  # a spawned child copies os.environ at start
             os.environ.update(env)
-            try:
-                self.proc = ctx.Process(target=_worker_main, args=(child, threads),
-                                        name=f"deeptransfer-worker-{slot}", daemon=True)
-                self.proc.start()
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+            self.proc = ctx.Process(target=_worker_main, args=(child, threads),
+                                    name=f"deeptransfer-worker-{slot}", daemon=True)
+            self.proc.start()
         child.close()
         self.conn = parent
         self.job_with_shared: int | None = None

@@ -16,7 +16,7 @@ from torch import nn
 
 from .registry import ModelDef, ModelInfo, fold_batchnorm, global_avg_pool, register_model
 from .vgg import IMAGENET_PREPROCESS
-from .weights import describe_source, hub_state_dict, load_state_dict_file, load_strict
+from .weights import build_torchvision_format, describe_source
 
 __all__ = ["ResNet", "Bottleneck", "RESNET50_URL", "resnet50"]
 
@@ -131,14 +131,8 @@ def resnet50() -> ModelDef:
 
     def build(*, layer: str, weights: str | None, pretrained: bool,
               fold_bn: bool) -> tuple[nn.Module, str]:
-        if pretrained:   # read the weights first, then build without random init (meta)
-            sd = (load_state_dict_file(weights) if weights is not None
-                  else hub_state_dict(RESNET50_URL, model_name="resnet50"))
-            with torch.device("meta"):
-                model = ResNet()
-            load_strict(model, sd, model_name="resnet50", source=weights or RESNET50_URL)
-        else:
-            model = ResNet()
+        model = build_torchvision_format(ResNet, weights=weights, hub_url=RESNET50_URL,
+                                         model_name="resnet50", pretrained=pretrained)
         model.truncate(layer)
         if fold_bn:
             model.fold_bn()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .registry import ModelDef, ModelInfo, Preprocess, global_avg_pool, register_model
-from .weights import describe_source, hub_state_dict, load_state_dict_file, load_strict
+from .weights import build_torchvision_format, describe_source
 
 __all__ = ["VGG", "VGG16_URL", "vgg16"]
 
@@ -103,14 +103,8 @@ def vgg16() -> ModelDef:
     def build(*, layer: str, weights: str | None, pretrained: bool,
               fold_bn: bool) -> tuple[nn.Module, str]:
         del fold_bn   # VGG16 has no batch norm
-        if pretrained:   # read the weights first, then build without random init (meta)
-            sd = (load_state_dict_file(weights) if weights is not None
-                  else hub_state_dict(VGG16_URL, model_name="vgg16"))
-            with torch.device("meta"):
-                model = VGG()
-            load_strict(model, sd, model_name="vgg16", source=weights or VGG16_URL)
-        else:
-            model = VGG()
+        model = build_torchvision_format(VGG, weights=weights, hub_url=VGG16_URL,
+                                         model_name="vgg16", pretrained=pretrained)
         model.truncate(layer)
         return model.eval(), describe_source(weights, default_source, pretrained)
 

@@ -17,7 +17,7 @@ import importlib
 import io
 import os
 import pickle
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -182,3 +182,20 @@ def describe_source(weights: str | None, default: str, pretrained: bool) -> str:
     if not pretrained:
         return "random init (pretrained=False)"
     return f"file: {weights}" if weights is not None else default
+
+
+def build_torchvision_format(factory: Callable[[], nn.Module], *, weights: str | None,
+                             hub_url: str, model_name: str, pretrained: bool) -> nn.Module:
+    """A torchvision-format model: weights from ``weights`` or the hub cache, loaded strictly.
+
+    With weights, the state dict is read first and the model built on the meta device, so
+    no time goes into a random initialisation that the weights overwrite.
+    """
+    if not pretrained:
+        return factory()
+    sd = (load_state_dict_file(weights) if weights is not None
+          else hub_state_dict(hub_url, model_name=model_name))
+    with torch.device("meta"):
+        model = factory()
+    load_strict(model, sd, model_name=model_name, source=weights or hub_url)
+    return model
