@@ -301,3 +301,17 @@ def test_zz_driver_numba_threads_untouched_after_worker_restarts():
     """Runs last in this module: nannies that restarted killed workers must not have changed
     the driver's NUMBA_NUM_THREADS (numba refuses a change once its pool is up)."""
     assert os.environ.get("NUMBA_NUM_THREADS") == _NUMBA_THREADS_AT_IMPORT
+
+
+from engine_job_checks import (  # noqa: E402
+    test_worker_killed_during_training_changes_nothing as _killed_during_training)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.xfail(strict=False, reason=(
+    "known intermittent bug (issue 4): after a worker is killed mid-training, its nanny "
+    "sometimes does not bring it back and a pinned training task waits forever in "
+    "as_completed; the check runs on its own cluster so a hang cannot spoil the others"))
+def test_worker_killed_during_training_changes_nothing(local_store, local_head, tmp_path):
+    with DaskExecutor(2, dashboard=False) as ex:
+        _killed_during_training(ex, local_store, local_head, tmp_path)
