@@ -20,12 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from deeptransfer.executor import BaseExecutor
 from deeptransfer.errors import TaskError, check_int
-
-#: glibc malloc settings for workers: keep large freed blocks in the heap instead of
-#: returning them to the OS, so each forward pass does not page-fault its activations in
-#: again (a third of CPU time otherwise; see docs/benchmarks.md). Only applied to processes
-#: this engine starts, and only when the user has not set GLIBC_TUNABLES.
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+from deeptransfer.workerenv import malloc_environ
 
 _env_lock = threading.Lock()
 
@@ -124,9 +119,8 @@ class LocalExecutor(BaseExecutor):
         self.threads_per_worker = threads_per_worker or max(1, cores // max(1, self.n_workers))
         check_int("threads_per_worker", self.threads_per_worker, low=1, where="the local engine")
         self.max_retries = check_int("max_retries", max_retries, low=0)
-        self._env: dict[str, str] = {}
-        if malloc_tunables and "GLIBC_TUNABLES" not in os.environ:
-            self._env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+        # glibc's malloc settings (deeptransfer.workerenv) for the processes started here
+        self._env: dict[str, str] = malloc_environ() if malloc_tunables else {}
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self._job = 0

@@ -9,7 +9,8 @@ Everything after the script path is a deeptransfer command line (``featurize``, 
 memory: ``SparkSession.builder.getOrCreate()``), tells the Spark engine to use it instead
 of starting ``local[N]`` (the ``DEEPTRANSFER_SPARK_SESSION=active`` environment variable),
 adds ``--engine spark`` to commands that take an engine when the command line has no
-``--engine``, runs ``deeptransfer.cli.main`` and stops the session at the end. See
+``--engine``, gives the Python workers the malloc settings of ``deeptransfer.workerenv``
+(unless ``spark.executorEnv.GLIBC_TUNABLES`` is set), runs ``deeptransfer.cli.main`` and stops the session at the end. See
 deploy/spark.md.
 """
 from __future__ import annotations
@@ -66,12 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     from deeptransfer.adapters.spark import SESSION_ENV
     from deeptransfer.cli import main as cli_main
+    from deeptransfer.workerenv import malloc_environ
 
-    spark = SparkSession.builder.appName(f"deeptransfer {argv[0]}").getOrCreate()
+    builder = SparkSession.builder.appName(f"deeptransfer {argv[0]}")
+    submitted = SparkConf()  # what spark-submit was given (--conf, spark-defaults.conf)
+    for k, v in malloc_environ().items():  # the workers' malloc settings, unless given
+        if not submitted.contains(f"spark.executorEnv.{k}"):
+            builder = builder.config(f"spark.executorEnv.{k}", v)
+    spark = builder.getOrCreate()
     if not spark.sparkContext.getConf().contains("spark.log.level"):
         spark.sparkContext.setLogLevel("WARN")  # INFO lines would bury the progress bar
     os.environ[SESSION_ENV] = "active"

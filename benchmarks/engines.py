@@ -58,7 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from featurize import PeakRSS, link_subset, subset  # noqa: E402
+from featurize import TUNABLES, PeakRSS, link_subset, subset  # noqa: E402
 
 # Spark binds to loopback and its Python workers run this interpreter (environment.md)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -78,7 +78,6 @@ FIELDS = ("featurize_ips", "train_epoch_seconds", "round_overhead_ms", "peak_rss
 #: ratios to the local engine reported for these
 RATIO_FIELDS = FIELDS + ("time_to_target_seconds",)
 RESULT_TAG = "DT_BENCH_RESULT "
-TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 MB = 2 ** 20
 
 

@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+from deeptransfer.workerenv import MALLOC_TUNABLES as TUNABLES
+
 
 
 def _reexec_with_tunables() -> None:

@@ -30,6 +30,36 @@ def probe(task: Any, shared: Any) -> dict[str, Any]:
     return {"value": t.get("value"), "shared": shared, "pid": os.getpid()}
 
 
+def allocation_faults(task: Any, shared: Any) -> dict[str, Any]:
+    """Page faults of allocating, filling and freeing 64 MB a second time in this worker.
+
+    A forward pass does this with its activations every batch. With the workers' malloc
+    settings (``deeptransfer.workerenv``) the second allocation reuses the heap memory the
+    first one left: almost no faults. With glibc's defaults it is a fresh mmap that faults
+    in all 16,384 pages again. (The settings themselves cannot be read back: glibc edits
+    GLIBC_TUNABLES in place while parsing it.)
+    """
+    import ctypes
+    import ctypes.util
+    import resource
+
+    # malloc itself (numpy would madvise huge pages, which hides the difference)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 * 2 ** 20
+
+    def once() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        p = libc.malloc(size)
+        ctypes.memset(p, 1, size)
+        libc.free(p)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    once()
+    return {"pid": os.getpid(), "faults": once()}
+
+
 def add_values(a: Any, b: Any) -> Any:
     """The associative combine of probe results used by map_reduce checks."""
     va = a["value"] if isinstance(a, dict) else a

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np

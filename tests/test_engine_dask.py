@@ -23,7 +23,8 @@ from distributed import Client  # noqa: E402
 
 from deeptransfer.adapters import dask as dask_adapter  # noqa: E402
 from deeptransfer.adapters.dask import DaskCudaExecutor, DaskExecutor  # noqa: E402
-from deeptransfer.adapters.local import MALLOC_TUNABLES, tree_combine  # noqa: E402
+from deeptransfer.adapters.local import tree_combine  # noqa: E402
+from deeptransfer.workerenv import MALLOC_TUNABLES  # noqa: E402
 from deeptransfer.diagnostics import probe  # noqa: E402
 from deeptransfer.errors import EngineUnavailableError, InvalidParameterError  # noqa: E402
 from engine_checks import *  # noqa: E402,F401,F403 - the conformance suite
@@ -49,6 +50,9 @@ class Deployment:
         # for the checks' own helpers, tests/
         env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
         env.setdefault("OMP_NUM_THREADS", "1")
+        # as deploy/dask.md starts workers
+        env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+        env.setdefault("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "False")
         self._start(tmp, "scheduler", [DASK_CLI, "scheduler", "--host", "127.0.0.1", "--port", "0",
                                        "--scheduler-file", str(self.scheduler_file),
                                        *LOOPBACK_HTTP], env)
@@ -195,11 +199,16 @@ def test_own_cluster_worker_environment():
     with DaskExecutor(1, dashboard=True, env={"DEEPTRANSFER_TEST_VAR": "x"}) as ex:
         assert ex.dashboard_link and ex.dashboard_link.startswith("http://127.0.0.1:")
         (env,) = ex.client.run(_worker_env).values()
+        (profiled,) = ex.client.run(_profiles).values()
+    assert profiled is False, "Dask's sampling profiler must be off in clusters we start"
     assert env["initial"].get("OMP_NUM_THREADS") == "1"
     assert env["initial"].get("DEEPTRANSFER_TEST_VAR") == "x"
     if "GLIBC_TUNABLES" not in driver_env:
-        # in the environment the process started with: glibc read it
-        assert env["initial"].get("GLIBC_TUNABLES") == MALLOC_TUNABLES
+        # in the environment the process started with, where glibc read it (the malloc
+        # settings' effect is checked by test_workers_reuse_freed_memory); glibc edits the
+        # variable in place while parsing it, so only its first setting is still readable
+        first = MALLOC_TUNABLES.split(":")[0]
+        assert env["initial"].get("GLIBC_TUNABLES", "").startswith(first)
         assert "MALLOC_TRIM_THRESHOLD_" not in env["initial"]
     assert dict(os.environ) == driver_env, "starting the cluster changed the driver's environment"
 
@@ -222,6 +231,8 @@ def test_lost_shared_value_is_scattered_again(tmp_path):
     ({"address": "tcp://127.0.0.1:1", "env": {"A": "1"}}, "apply only to a cluster it starts"),
     ({"retries": -1}, "retries"),
     ({"dashboard": "yes"}, "dashboard"),
+    ({"profile": 1}, "profile"),
+    ({"address": "tcp://127.0.0.1:1", "profile": True}, "apply only to a cluster it starts"),
 ])
 def test_bad_options(opts, match):
     with pytest.raises(InvalidParameterError, match=match):
@@ -286,6 +297,10 @@ def _probe_with_sum(task, shared):
     r = probe(task, None)
     r["shared_sum"] = float(shared.sum())
     return r
+
+
+def _profiles(dask_worker=None) -> bool:
+    return "profile" in dask_worker.periodic_callbacks
 
 
 def _worker_env():
