@@ -66,10 +66,11 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 ENGINES = ("local", "dask", "spark")
-PEERS = ("pytorch", "spark_udf", "forward_limit")
+PEERS = ("pytorch", "pytorch_dt", "spark_udf", "forward_limit")
 LABELS = {
     "local": "deeptransfer local", "dask": "deeptransfer dask", "spark": "deeptransfer spark",
-    "pytorch": "plain PyTorch loop", "spark_udf": "Spark predict_batch_udf",
+    "pytorch": "plain PyTorch loop", "pytorch_dt": "PyTorch loop, our backbone",
+    "spark_udf": "Spark predict_batch_udf",
     "forward_limit": "forward-only limit",
 }
 #: the fields every result has in the JSON (None where a peer has no such step)
@@ -338,7 +339,10 @@ def child_pytorch(spec: dict[str, Any]) -> dict[str, Any]:
     import torch  # noqa: F401  - start-up: the libraries a user's script imports
 
     import peers
-    from deeptransfer.models import create_backbone  # noqa: F401
+    if spec["kind"] == "pytorch" and spec["model"] in peers.REFERENCE_NAMES:
+        import efficientnet_lite_pytorch  # noqa: F401
+    else:
+        from deeptransfer.models import create_backbone  # noqa: F401
     startup = time.perf_counter() - t0
     manifest = _load_manifest(spec["manifest"])
 
@@ -350,7 +354,9 @@ def child_pytorch(spec: dict[str, Any]) -> dict[str, Any]:
     with TreeRSS(loader_workers, refresh_s=0.5) as rss_f:
         out = peers.featurize_pytorch(manifest.paths, manifest.labels, spec["model"],
                                       batch_size=32, num_workers=spec["workers"],
-                                      out_path=os.path.join(spec["work"], "features.npy"))
+                                      out_path=os.path.join(spec["work"], "features.npy"),
+                                      backbone="deeptransfer" if spec["kind"] == "pytorch_dt"
+                                      else "reference")
     feats = out["features"]
     from deeptransfer.dataset import split_code
 
@@ -363,7 +369,7 @@ def child_pytorch(spec: dict[str, Any]) -> dict[str, Any]:
                                       seed=spec.get("seed", 0))
         train_s = time.perf_counter() - t1
     epoch_s = [h["seconds"] for h in hist]
-    return {"kind": "peer", "name": "pytorch", "workers": spec["workers"],
+    return {"kind": "peer", "name": spec["kind"], "workers": spec["workers"],
             "startup_seconds": startup, "images": len(manifest),
             "featurized": len(feats), "featurize_seconds": out["seconds"],
             "featurize_ips": len(manifest) / out["seconds"],
@@ -517,7 +523,8 @@ def child_cost_inputs(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-CHILDREN = {"engine": child_engine, "pytorch": child_pytorch, "spark_udf": child_spark_udf,
+CHILDREN = {"engine": child_engine, "pytorch": child_pytorch, "pytorch_dt": child_pytorch,
+            "spark_udf": child_spark_udf,
             "forward_limit": child_forward_limit, "scaling": child_scaling,
             "cost_inputs": child_cost_inputs}
 

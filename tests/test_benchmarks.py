@@ -79,7 +79,8 @@ def quick_run(tmp_path_factory):
     data = make_digits_dataset(root / "digits")
     out = root / "out"
     eng = "local,dask,spark" if HAS_JAVA else "local,dask"
-    peers = "pytorch,spark_udf,forward_limit" if HAS_JAVA else "pytorch,forward_limit"
+    peers = ("pytorch,pytorch_dt,spark_udf,forward_limit" if HAS_JAVA
+             else "pytorch,pytorch_dt,forward_limit")
     env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
                PYSPARK_DRIVER_PYTHON=sys.executable)
     cmd = [sys.executable, os.path.join(BENCH, "engines.py"), str(data), "--quick",
@@ -122,9 +123,10 @@ def test_quick_run_reports_every_field(quick_run):
         assert r["time_to_target_seconds"] is not None and r["time_to_target_seconds"] > 0
     for k in engines.FIELDS + ("time_to_target_seconds",):
         assert res["local"]["ratio_to_local"][k] == pytest.approx(1.0)
-    pt = res["pytorch"]
-    assert pt["kind"] == "peer" and pt["train_epoch_seconds"] > 0
-    assert pt["round_overhead_ms"] is None and pt["startup_seconds"] > 0
+    for name in ("pytorch", "pytorch_dt"):
+        pt = res[name]
+        assert pt["kind"] == "peer" and pt["train_epoch_seconds"] > 0
+        assert pt["round_overhead_ms"] is None and pt["startup_seconds"] > 0
     fl = res["forward_limit"]
     assert fl["startup_seconds"] is None and fl["train_epoch_seconds"] is None
     assert fl["best_batch"] in (8, 16)
@@ -179,3 +181,23 @@ def test_cost_model_grows_communication_with_workers():
             assert rows[-1]["round_comm_ms"] > rows[0]["round_comm_ms"]
     md = engines.cost_model_markdown(cm)
     assert md.count("\n") == 2 + len(cm["rows"])
+
+
+def test_the_users_model_is_the_reference_implementation_with_the_same_features():
+    """The plain-loop peer loads EfficientNet-Lite0 as a user would (the reference package);
+    it computes deeptransfer's features, so the rows compare pipelines on one network."""
+    import torch
+
+    import peers
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    ref, pp_ref = peers.user_backbone("efficientnet_lite0")
+    ours, pp_ours = peers.user_backbone("efficientnet_lite0", "deeptransfer")
+    assert type(ref).__name__ == "Pooled"
+    assert type(ref.net).__module__.startswith("efficientnet_lite_pytorch")
+    assert pp_ref == pp_ours
+    with torch.no_grad():
+        a, b = ref(x), ours(x)
+    assert a.shape == b.shape == (2, 1280)
+    assert torch.allclose(a, b, atol=1e-4)
