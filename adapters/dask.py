@@ -42,6 +42,7 @@ import logging
 import os
 import pickle
 import shutil
+import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import dask
@@ -64,6 +65,9 @@ INLINE_SHARED_BYTES = 256 * 1024
 DRIVER_REDUCE_MAX = 32
 #: how long to wait for workers of an existing deployment before giving up (seconds)
 WAIT_FOR_WORKERS_S = 60.0
+#: seconds without a finished task after which the driver checks for tasks pinned to a
+#: worker that has left (see DaskExecutor._orphaned)
+WATCH_S = 2.0
 #: how often one task may be resubmitted because the scattered ``shared`` value was lost
 _MAX_SHARED_LOSSES = 3
 
@@ -147,6 +151,9 @@ class DaskExecutor(BaseExecutor):
 
     name = "dask"
     default_device = "cpu"
+    #: pinned tasks may run elsewhere when their worker is busy or gone (tests turn this off
+    #: to make a pin that can never be served, the way a lost worker's pin once hung)
+    _loose_pins = True
 
     def __init__(self, n_workers: int | None = None, *, address: str | None = None,
                  client: Client | None = None, threads_per_worker: int = 1,
@@ -327,6 +334,22 @@ class DaskExecutor(BaseExecutor):
             self._slot_key = addrs
         return self._slot_workers
 
+    def _orphaned(self, pinned: list[str | None], candidates: set[int]) -> list[int]:
+        """Tasks among ``candidates`` pinned to a worker that has left the cluster.
+
+        A pinned task may go to other workers (``allow_other_workers``), and the scheduler
+        moves it when its worker dies. That did not always happen here: after a worker was
+        killed mid-training, its nanny sometimes did not restart it and the task pinned to
+        it waited forever. So the driver resubmits such a task without a pin; the task is
+        pure, and whichever copy finishes first is used.
+        """
+        gone = {w for w in (pinned[i] for i in candidates) if w is not None}
+        if not gone:
+            return []
+        present = set(self._client.scheduler_info(n_workers=-1)["workers"])
+        gone -= present
+        return sorted(i for i in candidates if pinned[i] in gone)
+
     def _share(self, shared: Any, n_tasks: int) -> Any:
         """``shared`` itself (inline) or a Future of it broadcast to every worker."""
         if shared is None:
@@ -354,7 +377,7 @@ class DaskExecutor(BaseExecutor):
         def submit(indices: list[int], where: str | None) -> list[Future]:
             opts: dict[str, Any] = {"pure": False, "retries": self.retries}
             if where is not None:
-                opts.update(workers=[where], allow_other_workers=True)
+                opts.update(workers=[where], allow_other_workers=self._loose_pins)
             return client.map(fn, [tasks[i] for i in indices], [ref] * len(indices), **opts)
 
         live: dict[str, tuple[int, Future]] = {}  # submitted, not yet yielded: key -> (i, f)
@@ -376,10 +399,24 @@ class DaskExecutor(BaseExecutor):
         self._held, previous = held, self._held
         del previous
         losses = [0] * len(tasks)
+        pending = set(range(len(tasks)))
+        moved: set[int] = set()  # pinned tasks resubmitted without their pin (see _watch)
         try:
-            for item in ac:
+            while pending:
+                item = _next_within(ac, WATCH_S)
+                if item is None:  # nothing finished for a while: are pinned tasks orphaned?
+                    for i in self._orphaned(pinned, pending - moved):
+                        moved.add(i)
+                        (nf,) = submit([i], None)
+                        live[nf.key] = (i, nf)
+                        used_ref[i] = ref
+                        ac.add(nf)
+                        held.append(nf)
+                    continue
                 fut, payload = item if fetch else (item, None)
                 i, _ = live.pop(fut.key)
+                if i not in pending:  # a resubmitted copy of a task that already finished
+                    continue
                 if fut.status == "error":
                     if not fetch:
                         fut.result()  # raises the worker's exception with its traceback
@@ -399,11 +436,29 @@ class DaskExecutor(BaseExecutor):
                     ac.add(nf)
                     held += [ref, nf]
                     continue
+                pending.discard(i)
                 yield i, (payload if fetch else fut)
         finally:
             if live:  # an error, or the caller stopped iterating: drop what is still queued
                 ac.clear()
                 client.cancel([f for _, f in live.values()])
+
+
+def _next_within(ac: as_completed, timeout: float) -> Any:
+    """The next item of ``ac``, or None if none arrives within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    cond = getattr(ac, "thread_condition", None)  # what as_completed's own __next__ waits on
+    while not ac.has_ready():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        if cond is not None:
+            with cond:  # checked under the lock the producer notifies with: no lost wake-up
+                if not ac.has_ready():
+                    cond.wait(min(left, 0.1))
+        else:  # pragma: no cover - older distributed
+            time.sleep(min(left, 0.005))
+    return next(ac)
 
 
 def _import_dask_cuda() -> Any:
