@@ -462,7 +462,7 @@ def child_cost_inputs(spec: dict[str, Any]) -> dict[str, Any]:
     - the forward-only throughput of other backbones (random weights: speed only), measured
       like the forward limit (eager, channels_last, all cores, best of batch 8/16);
     - one averaging round's worker compute for other head shapes (in_dim x classes): 5 Adam
-      steps on minibatches of 32 in one torch thread, then the float64 copy of parameters and
+      steps on minibatches of 32 in one torch thread, then the float32 copy of parameters and
       optimizer state and its pickle, which is what ``fit_shard`` does and sends; and the
       pickled size of that result.
     """
@@ -507,9 +507,9 @@ def child_cost_inputs(spec: dict[str, Any]) -> dict[str, Any]:
                 loss.backward()
                 opt.step()
             t1 = time.perf_counter()
-            arrays = [p.detach().numpy().astype(np.float64) for p in head.parameters()]
+            arrays = [p.detach().numpy().copy() for p in head.parameters()]
             for st in opt.state.values():
-                arrays += [v.detach().numpy().astype(np.float64) for v in st.values() if v.ndim]
+                arrays += [v.detach().numpy().copy() for v in st.values() if v.ndim]
             blob = pk.dumps(arrays, protocol=5)
             t2 = time.perf_counter()
             nbytes = len(blob)
@@ -890,7 +890,7 @@ def cost_model(out: dict[str, Any], *, bandwidth: float = 1.25e9, hop_ms: float 
                 continue
             compute_full = calib * (h["steps_ms"] + h["export_ms"])  # 5 minibatches of 32
             s_b = 3 * h["param_bytes_f32"]  # parameters + Adam's two moments, float32
-            s_r = h["result_bytes"]  # float64 parameters + moments, pickled
+            s_r = h["result_bytes"]  # float32 parameters + moments, pickled
             for eng, r in engines.items():
                 # no-work costs where measured (the model adds the tail and the data itself)
                 o_task = r.get("trivial_task_ms") or r.get("per_task_overhead_ms") or 0.0
@@ -1094,7 +1094,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 say(f"[cost inputs] {m} forward (random weights): {v['ips']:.1f} img/s")
             for h in cost["head_round"]:
                 say(f"[cost inputs] head {h['in_dim']} x {h['classes']}: 5 Adam steps "
-                    f"{h['steps_ms']:.1f} ms + float64 export/pickle {h['export_ms']:.1f} ms, "
+                    f"{h['steps_ms']:.1f} ms + float32 export/pickle {h['export_ms']:.1f} ms, "
                     f"result {h['result_bytes'] / MB:.1f} MB")
     finally:
         log.close()

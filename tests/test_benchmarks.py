@@ -201,3 +201,17 @@ def test_the_users_model_is_the_reference_implementation_with_the_same_features(
         a, b = ref(x), ours(x)
     assert a.shape == b.shape == (2, 1280)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_rounds_benchmark_reports_compute_and_overhead(capsys):
+    import rounds
+
+    out = rounds.main(["--dim", "16", "--classes", "5", "--rows-per-class", "40",
+                       "--epochs", "2", "--engines", "local", "--repeats", "1", "--json"])
+    assert out["params"] == 17 * 5
+    r = out["results"]["local"]
+    assert r["compute_ms"] > 0 and r["overhead_ms"] > 0
+    (run,) = out["runs"]["local"]
+    assert run["rounds"] >= 2  # at least one round in each of the 2 epochs
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["results"]["local"] == r

@@ -8,9 +8,11 @@ workers, every worker weighing the same. With ``save_updater=False`` the optimiz
 not averaged: every round starts from a fresh state on every worker.
 
 - ``fit_shard(task, shared)`` runs on a worker: it reads its rows itself (``shards``), trains,
-  and returns a ``ShardResult`` holding float64 parameters and state, so that summing them
-  is insensitive to order (to within the final float32 rounding);
-- ``combine(a, b)`` is the associative and commutative sum the engines reduce with;
+  and returns a ``ShardResult`` holding its parameters and state as they are (float32);
+- ``combine(a, b)`` is the associative and commutative sum the engines reduce with, in
+  float64, so that the sum is insensitive to order (to within the final float32 rounding).
+  A float32 value is exact in float64, so sending float32 and summing in float64 gives the
+  same bits as sending float64 copies, at half the bytes per worker per round;
 - ``average(result)`` divides and casts back to the parameters' own dtypes.
 
 Determinism: one torch thread inside fit_shard, and dropout masks from a ``torch.Generator``
@@ -62,8 +64,9 @@ class RoundState:
 class ShardResult:
     """A sum over workers of their round results (one worker's own result before combining)."""
 
-    params: "OrderedDict[str, np.ndarray]"  # float64 sums
-    opt_state: "OrderedDict[str, np.ndarray] | None"  # float64 sums; None without save_updater
+    # one worker's own values (float32), or float64 sums once combined
+    params: "OrderedDict[str, np.ndarray]"
+    opt_state: "OrderedDict[str, np.ndarray] | None"  # the same; None without save_updater
     dtypes: dict[str, str]  # the parameters' own dtypes, to cast the average back to
     n_workers: int = 1
     examples: int = 0
@@ -119,8 +122,8 @@ def fit_shard(task: ShardTask, shared: RoundState) -> ShardResult:
     """One worker's part of one round: ``ceil(task.count / batch_size)`` minibatch steps.
 
     Starts from the broadcast parameters and optimizer state (or a fresh state), reads the
-    round's rows (cached per worker process), and returns the new parameters and state as
-    float64 together with the round's statistics.
+    round's rows (cached per worker process), and returns the new parameters and state (in
+    their own dtypes; ``combine`` sums them in float64) with the round's statistics.
     """
     t0 = time.perf_counter()
     with one_torch_thread():
@@ -158,12 +161,11 @@ def fit_shard(task: ShardTask, shared: RoundState) -> ShardResult:
                 steps += 1
         finally:
             set_dropout_generator(head, None)
-        params = OrderedDict((k, v.astype(np.float64)) for k, v in head_params(head).items())
+        params = head_params(head)
         dtypes = {k: str(v.dtype) for k, v in shared.params.items()}
         opt_state = None
         if shared.save_updater and shared.optimizer.has_state:
-            opt_state = OrderedDict((k, v.astype(np.float64))
-                                    for k, v in export_state(shared.optimizer, opt, head).items())
+            opt_state = export_state(shared.optimizer, opt, head)
     dt = time.perf_counter() - t0
     return ShardResult(params=params, opt_state=opt_state, dtypes=dtypes, n_workers=1,
                        examples=int(len(y)), loss_sum=loss_sum, correct=correct, steps=steps,
@@ -180,7 +182,8 @@ def _add(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], what: str) ->
     if list(a) != list(b):
         raise ValueError(f"cannot combine round results with different {what}: "
                          f"{list(a)[:3]}... vs {list(b)[:3]}...")
-    return OrderedDict((k, a[k] + b[k]) for k in a)
+    # float64 whatever the inputs: exact for float32 and int64 counters alike
+    return OrderedDict((k, np.add(a[k], b[k], dtype=np.float64)) for k in a)
 
 
 def combine(a: ShardResult, b: ShardResult) -> ShardResult:

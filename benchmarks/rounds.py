@@ -1,0 +1,115 @@
+"""Averaging-round overhead per engine for a given head shape (default 1280 x 257).
+
+    python benchmarks/rounds.py [--dim 1280] [--classes 257] [--engines local,dask,spark]
+        [--rows-per-class 40] [--epochs 4] [--json]
+
+Issue 4's target is stated for the 257-class head of 1280-d features (Caltech-256 with
+efficientnet_lite0), which benchmarks/engines.py does not train (its data has 101 classes).
+This script makes a feature store of that shape with class-dependent Gaussian features (the
+overhead does not depend on the values), trains the default head (softmax, Adam, 2 workers x
+32 rows, averaging every 5 minibatches) on each engine in turn, A B C A B C, and prints the
+median per-round compute and overhead from each run's ``rounds.jsonl``: overhead is the
+round's wall time minus the slowest worker's ``fit_shard`` time, i.e. broadcast, scheduling,
+the reduction, the driver's averaging and the checkpoint. Rounds of the first epoch (shards
+loaded) are left out. Engine start-up is not in any figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# Spark binds to loopback and its Python workers run this interpreter
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
+def make_store(url: str, dim: int, classes: int, rows_per_class: int, seed: int = 0) -> str:
+    """A complete feature store: ``classes x rows_per_class`` rows, 80/20 train/val."""
+    from deeptransfer.dataset import Manifest, split_code
+    from deeptransfer.store import create_store
+
+    rng = np.random.default_rng(seed)
+    n = classes * rows_per_class
+    labels = np.repeat(np.arange(classes, dtype=np.int32), rows_per_class)
+    split = np.where(rng.random(n) < 0.8, split_code("train"), split_code("val")).astype(np.int8)
+    m = Manifest("synthetic", [f"c{y}/{i}.jpg" for i, y in enumerate(labels)], labels, split,
+                 [f"class{c}" for c in range(classes)])
+    st = create_store(url, m, feature_dim=dim, attrs={"model": "synthetic"}, chunk_rows=256)
+    centers = rng.normal(size=(classes, dim)).astype(np.float32)
+    for i in range(st.n_chunks):
+        a, b = st.chunk_bounds(i)
+        x = centers[labels[a:b]] + rng.normal(size=(b - a, dim)).astype(np.float32) * 2
+        st.write_chunk(i, x.astype(np.float32), np.ones(b - a, bool), [""] * (b - a))
+    return url
+
+
+def one_run(engine: str, store: str, epochs: int, workers: int) -> dict:
+    import deeptransfer as dt
+    from deeptransfer.diagnostics import start_workers
+    from deeptransfer.engines import get_executor
+    from deeptransfer.training import train_head
+
+    cfg = dt.train_config(workers=workers, epochs=epochs, batch_size_per_worker=32,
+                          averaging_frequency=5, optimizer="adam", lr=1e-3, seed=0)
+    with get_executor(engine, {"n_workers": workers}) as ex:
+        start_workers(ex)
+        out = tempfile.mkdtemp(prefix=f"dt-rounds-{engine}-")
+        t0 = time.perf_counter()
+        res = train_head(ex, store, cfg, out, progress=False, plot=False)
+        wall = time.perf_counter() - t0
+    with open(os.path.join(out, "rounds.jsonl"), encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f]
+    later = [r for r in recs if r["epoch"] >= 1] or recs
+    return {"rounds": res.rounds, "wall_seconds": wall,
+            "compute_ms": 1e3 * statistics.median(r["compute_seconds"] for r in later),
+            "overhead_ms": 1e3 * statistics.median(r["overhead_seconds"] for r in later)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dim", type=int, default=1280)
+    ap.add_argument("--classes", type=int, default=257)
+    ap.add_argument("--rows-per-class", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--engines", default="local,dask,spark")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    engines = [e for e in args.engines.split(",") if e]
+
+    work = tempfile.mkdtemp(prefix="dt-rounds-")
+    store = make_store(os.path.join(work, "f.zarr"), args.dim, args.classes,
+                       args.rows_per_class)
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for rep in range(args.repeats):
+        for e in engines:
+            r = one_run(e, store, args.epochs, args.workers)
+            runs[e].append(r)
+            print(f"[{rep + 1}/{args.repeats}] {e:6s} round compute {r['compute_ms']:6.1f} ms, "
+                  f"overhead {r['overhead_ms']:6.1f} ms, "
+                  f"{r['rounds']} rounds", file=sys.stderr if args.json else sys.stdout,
+                  flush=True)
+    summary = {e: {k: statistics.median(r[k] for r in rs)
+                   for k in ("compute_ms", "overhead_ms")}
+               for e, rs in runs.items()}
+    out = {"dim": args.dim, "classes": args.classes, "workers": args.workers,
+           "params": (args.dim + 1) * args.classes, "results": summary, "runs": runs}
+    print(f"\nhead {args.dim} x {args.classes}, {args.workers} workers: median per round")
+    for e, s in summary.items():
+        print(f"  {e:6s} compute {s['compute_ms']:6.1f} ms   overhead {s['overhead_ms']:6.1f} ms")
+    if args.json:
+        print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
