@@ -890,7 +890,8 @@ def cost_model(out: dict[str, Any], *, bandwidth: float = 1.25e9, hop_ms: float 
                 continue
             compute_full = calib * (h["steps_ms"] + h["export_ms"])  # 5 minibatches of 32
             s_b = 3 * h["param_bytes_f32"]  # parameters + Adam's two moments, float32
-            s_r = h["result_bytes"]  # float32 parameters + moments, pickled
+            s_r = h["result_bytes"]  # a worker's float32 parameters + moments, pickled
+            s_sum = 2 * s_r  # a partial sum above the tree's first level is float64
             for eng, r in engines.items():
                 # no-work costs where measured (the model adds the tail and the data itself)
                 o_task = r.get("trivial_task_ms") or r.get("per_task_overhead_ms") or 0.0
@@ -909,11 +910,13 @@ def cost_model(out: dict[str, Any], *, bandwidth: float = 1.25e9, hop_ms: float 
                     hop = hop_ms / 1e3
                     bcast = depth * (s_b / bandwidth + hop)
                     ser = s_r / serialize_bps
+                    ser_sum = s_sum / serialize_bps
                     if eng == "dask":
                         if w <= 32:  # gathered and combined on the driver
                             reduce = w * (s_r / bandwidth + ser) + hop
-                        else:  # a pairwise tree of combine tasks
-                            reduce = depth * (s_r / bandwidth + 2 * ser + hop)
+                        else:  # a pairwise tree of combine tasks: leaves, then sums
+                            reduce = (s_r / bandwidth + 2 * ser + hop) + (depth - 1) * (
+                                s_sum / bandwidth + 2 * ser_sum + hop)
                     else:  # Spark treeAggregate(depth=2) as adapters/spark.py builds it
                         scale = 2 ** max(1, math.ceil(math.log2(max(w, 2)) / 2))
                         n_parts, fan = w, []
@@ -921,7 +924,10 @@ def cost_model(out: dict[str, Any], *, bandwidth: float = 1.25e9, hop_ms: float 
                             fan.append(scale)
                             n_parts = -(-n_parts // scale)
                         fan.append(n_parts)  # the driver merges the last partials
-                        reduce = sum(f * (s_r / bandwidth + ser) + hop for f in fan)
+                        # the first level receives the workers' results, later ones sums
+                        reduce = sum(f * ((s_r / bandwidth + ser) if k == 0 else
+                                          (s_sum / bandwidth + ser_sum)) + hop
+                                     for k, f in enumerate(fan))
                     comm_ms = 1e3 * (bcast + reduce)
                     round_ms = compute + o_round + comm_ms
                     epoch_s = (rounds * round_ms + o_round) / 1e3  # + the validation job
