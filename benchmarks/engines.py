@@ -14,10 +14,12 @@ On the same images (a seeded, class-mixed subset of ``--limit`` images) and the 
    validation accuracy, and the peak RSS of the driver, of each worker and of the rest of
    the process tree (Dask nannies, the Spark JVM);
 2. the peers, each also as a ratio to the local engine: (a) the plain PyTorch loop
-   (PIL + NumPy Dataset, ``DataLoader(num_workers=2)``, eager backbone, batch 32, then a
-   single-process head on the features), (b) Spark's ``predict_batch_udf`` over a
-   ``binaryFile`` DataFrame, (c) the forward-only compute limit (featurize.py's
-   measurement, best of eager batch 8/16); see peers.py;
+   (PIL + NumPy Dataset, ``DataLoader(num_workers=2)``, the model as a user loads it --
+   the reference implementation where its weights package names one -- eager, batch 32,
+   then a single-process head on the features), (a') the same loop on deeptransfer's
+   backbone (``pytorch_dt``), (b) Spark's ``predict_batch_udf`` over a ``binaryFile``
+   DataFrame, (c) the forward-only compute limit (featurize.py's measurement, best of
+   eager batch 8/16); see peers.py;
 3. how cost grows: the local engine with 1 and 2 workers featurizes and trains on 1/4, 1/2
    and all of the images; a table, a log-log plot and the fitted slope of log(time) against
    log(images) (1.0 is linear).
