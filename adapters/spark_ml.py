@@ -199,54 +199,30 @@ def _local_path(path: str) -> str:
     return path
 
 
+def _source(value: Any, binary: Optional[bool]) -> Any:
+    if value is None:
+        return None
+    if binary or (binary is None and isinstance(value, (bytes, bytearray, memoryview))):
+        return bytes(value)
+    return _local_path(str(value))
+
+
 def featurize_values(runner: Any, values: List[Any], *, binary: Optional[bool] = None,
+                     views: str = "center",
                      storage_options: Any = None) -> List[Optional[np.ndarray]]:
     """Features of each image (a path, or encoded bytes); None where it fails.
 
     ``binary``: whether the values are encoded images (True) or paths (False); None decides
-    per value (bytes-like: an image, anything else: a path).
-
-    The steps of ``featurize_chunk``: read and decode each image, fill the runner's batch
-    buffer ``runner.batch_size`` images at a time, forward; a file that cannot be read or
+    per value (bytes-like: an image, anything else: a path). The core's
+    ``featurize_sources`` does the work, so a row gets exactly the features (and ``views``)
+    ``featurize`` and ``TransferModel.predict`` give it; a file that cannot be read or
     decoded, a degenerate image and non-finite features give None.
     """
-    from deeptransfer.featurization import load_image, preprocess_batch
-    from deeptransfer.kernels import decode_image
+    from deeptransfer.featurization import featurize_sources
 
-    out: List[Optional[np.ndarray]] = [None] * len(values)
-    images: List[np.ndarray] = []
-    rows: List[int] = []
-
-    def flush() -> None:
-        failed = set(preprocess_batch(runner, images))
-        feats = runner.forward(len(images))
-        for j, r in enumerate(rows):
-            if j not in failed and np.isfinite(feats[j]).all():
-                out[r] = np.array(feats[j], dtype=np.float32)
-        images.clear()
-        rows.clear()
-
-    side = runner.pp.resize
-    with runner.lock:
-        for r, v in enumerate(values):
-            if v is None:
-                continue
-            is_bytes = binary if binary is not None else isinstance(
-                v, (bytes, bytearray, memoryview))
-            try:
-                if is_bytes:
-                    img = decode_image(bytes(v), target_short_side=side)
-                else:
-                    img = load_image(_local_path(str(v)), side, storage_options)
-            except Exception:  # noqa: BLE001 - a bad image is a null, not a failed job
-                continue
-            images.append(img)
-            rows.append(r)
-            if len(images) == runner.batch_size:
-                flush()
-        if images:
-            flush()
-    return out
+    feats, reasons = featurize_sources(runner, [_source(v, binary) for v in values],
+                                       views=views, storage_options=storage_options)
+    return [None if reasons[i] else feats[i] for i in range(len(values))]
 
 
 # -- trained models ---------------------------------------------------------------------------
@@ -259,44 +235,48 @@ def _read_model(model_dir: str) -> dict:
 
     import deeptransfer
 
+    import hashlib
+
     model = deeptransfer.load(model_dir)  # a bad directory fails now, with its reason
     files = {}
     for name in MODEL_FILES:
         with open(os.path.join(model_dir, name), "rb") as f:
             files[name] = f.read()
-    return {"files": files, "classes": list(model.classes)}
+    # the workers' cache key, computed once here rather than per batch there
+    key = hashlib.sha256(b"".join(files[n] for n in MODEL_FILES)).hexdigest()
+    return {"files": files, "classes": list(model.classes), "key": key}
 
 
 _models: dict = {}
 
 
-def _worker_model(files: dict) -> Any:
+def _worker_model(model: dict) -> Any:
     """The model rebuilt from its files in a worker process, once per process and model."""
-    import hashlib
     import os
     import tempfile
 
     import deeptransfer
 
-    key = hashlib.sha256(b"".join(files[n] for n in MODEL_FILES)).hexdigest()
-    model = _models.get(key)
-    if model is None:
-        with tempfile.TemporaryDirectory(prefix="deeptransfer-model-") as d:
-            for name, data in files.items():
-                with open(os.path.join(d, name), "wb") as f:
-                    f.write(data)
-            model = _models[key] = deeptransfer.load(d)
-    return model
+    key, files = model["key"], model["files"]
+    cached = _models.get(key)
+    if cached is not None:
+        return cached
+    with tempfile.TemporaryDirectory(prefix="deeptransfer-model-") as d:
+        for name, data in files.items():
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(data)
+        loaded = _models[key] = deeptransfer.load(d)
+    return loaded
 
 
-def _predict_values(files: dict, batch_size: int, values: List[Any]
+def _predict_values(saved: dict, batch_size: int, values: List[Any]
                     ) -> List[Optional[np.ndarray]]:
     """Class probabilities of each image (a path or encoded bytes); None where it fails."""
     from deeptransfer.featurization import FeaturizeSpec, get_runner
 
-    model = _worker_model(files)
+    model = _worker_model(saved)
     runner = get_runner(FeaturizeSpec(store_url="", model=model.spec, batch_size=batch_size))
-    feats = featurize_values(runner, values)
+    feats = featurize_values(runner, values, views=model.views)  # the views it was trained on
     ok = [i for i, f in enumerate(feats) if f is not None]
     out: List[Optional[np.ndarray]] = [None] * len(values)
     if ok:
@@ -310,29 +290,28 @@ _PREDICTION = StructType([StructField("label", StringType()),
                           StructField("probability", ArrayType(FloatType()))])
 
 
-def _prediction_udf(model: dict, batch_size: int) -> Any:
-    files, classes = model["files"], model["classes"]
+def _prediction_udf(model: dict, batch_size: int, *, label_only: bool = False) -> Any:
+    """A pandas UDF: image -> struct(label, probability), or only the label."""
+    classes = model["classes"]
+
+    def labels(probs: List[Optional[np.ndarray]]) -> List[Optional[str]]:
+        return [None if p is None else classes[int(np.argmax(p))] for p in probs]
+
+    if label_only:
+        @pandas_udf(StringType())  # type: ignore[call-overload]
+        def predict_label(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+            for values in batches:
+                yield pd.Series(labels(_predict_values(model, batch_size, values.tolist())),
+                                dtype=object)
+
+        return predict_label
 
     @pandas_udf(_PREDICTION)  # type: ignore[call-overload]
     def predict(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         for values in batches:
-            probs = _predict_values(files, batch_size, values.tolist())
-            yield pd.DataFrame({
-                "label": [None if p is None else classes[int(np.argmax(p))] for p in probs],
-                "probability": pd.Series(probs, dtype=object)})
-
-    return predict
-
-
-def _label_udf(model: dict, batch_size: int) -> Any:
-    files, classes = model["files"], model["classes"]
-
-    @pandas_udf(StringType())  # type: ignore[call-overload]
-    def predict(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        for values in batches:
-            probs = _predict_values(files, batch_size, values.tolist())
-            yield pd.Series([None if p is None else classes[int(np.argmax(p))] for p in probs],
-                            dtype=object)
+            probs = _predict_values(model, batch_size, values.tolist())
+            yield pd.DataFrame({"label": labels(probs),
+                                "probability": pd.Series(probs, dtype=object)})
 
     return predict
 
@@ -431,7 +410,8 @@ def register_predict_udf(spark: Any, model_dir: str, name: str = "predict", *,
         raise InvalidParameterError(
             f"The 'name' parameter of register_predict_udf must be a SQL function name such "
             f"as 'predict'. Got {name!r} instead.")
-    return spark.udf.register(name, _label_udf(_read_model(model_dir), batch_size))
+    return spark.udf.register(name, _prediction_udf(_read_model(model_dir), batch_size,
+                                                    label_only=True))
 
 
 def _check_image_column(dataset: DataFrame, in_col: str, who: str) -> str:

@@ -138,44 +138,25 @@ class TransferModel:
     def predict(self, paths: Sequence[str] | str, *, top_k: int = 5, batch_size: int = 16,
                 storage_options: Mapping | None = None) -> list[Prediction]:
         """Classify image files (paths or fsspec URLs); bad files get an ``error``, not a crash."""
-        from .featurization import (FeaturizeSpec, _reason, forward_views, get_runner, load_image,
-                                preprocess_batch)
+        from .featurization import FeaturizeSpec, featurize_sources, get_runner
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [str(paths)]
         check_int("top_k", top_k, low=1, where="predict")
         k = min(top_k, len(self.classes))
         runner = get_runner(FeaturizeSpec(store_url="", model=self.spec, batch_size=batch_size))
-        out: list[Prediction | None] = [None] * len(paths)
-        batch_idx: list[int] = []
-        images: list[np.ndarray] = []
-
-        def flush() -> None:
-            failed = preprocess_batch(runner, images)
-            feats = forward_views(runner, len(images), self.views)
-            probs = self.predict_proba_features(feats)
-            for j, i in enumerate(batch_idx):
-                if j in failed:
-                    out[i] = Prediction(str(paths[i]), None, None, [], "image could not be resized")
-                    continue
-                order = np.argsort(-probs[j], kind="stable")[:k]
-                top = [(self.classes[c], float(probs[j, c])) for c in order]
-                out[i] = Prediction(str(paths[i]), top[0][0], top[0][1], top)
-            batch_idx.clear()
-            images.clear()
-
-        with runner.lock:
-            for i, p in enumerate(paths):
-                try:
-                    images.append(load_image(str(p), runner.pp.resize, storage_options))
-                    batch_idx.append(i)
-                except Exception as exc:  # noqa: BLE001 - reported per image
-                    out[i] = Prediction(str(p), None, None, [], _reason(exc))
-                if len(images) == runner.batch_size:
-                    flush()
-            if images:
-                flush()
-        return [o for o in out if o is not None]
+        feats, reasons = featurize_sources(runner, [str(p) for p in paths], views=self.views,
+                                           storage_options=storage_options)
+        probs = self.predict_proba_features(feats)
+        out: list[Prediction] = []
+        for i, p in enumerate(paths):
+            if reasons[i]:
+                out.append(Prediction(str(p), None, None, [], reasons[i]))
+                continue
+            order = np.argsort(-probs[i], kind="stable")[:k]
+            top = [(self.classes[c], float(probs[i, c])) for c in order]
+            out.append(Prediction(str(p), top[0][0], top[0][1], top))
+        return out
 
     # -- export -------------------------------------------------------------------------------
     def pipeline_module(self):

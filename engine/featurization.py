@@ -10,7 +10,7 @@ import platform
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -212,20 +212,26 @@ def preprocess_batch(runner: _Runner, images: list[np.ndarray]) -> list[int]:
     return failed
 
 
-def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
-    """Featurize the rows of one chunk and write them, then the chunk's done-marker."""
-    t_start = time.perf_counter()
-    store = cached_store(spec.store_url, spec.options, mode="r+")
-    runner = get_runner(spec)
-    _set_threads(spec.threads)
-    paths = store.chunk_paths(chunk)
-    n = len(paths)
+def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "center",
+                      storage_options: Mapping | None = None,
+                      timings: "ChunkResult | None" = None) -> tuple[np.ndarray, list[str]]:
+    """Features of each image source, and for each the reason it has none ("" if it has).
+
+    The one read -> batch -> preprocess -> forward loop, used by ``featurize_chunk``,
+    ``TransferModel.predict`` and the Spark ML transformers. A source is a path or fsspec URL,
+    or the encoded bytes of an image (bytes-like); None is skipped with a reason. Images go
+    through the runner's buffer ``runner.batch_size`` at a time; an unreadable or
+    undecodable file, a degenerate image or non-finite features get a reason and a zero row,
+    never a failed batch. ``timings`` accumulates read, preprocess and forward seconds.
+    """
+    from .kernels import decode_image
+
+    n = len(sources)
     feats = np.zeros((n, runner.feature_dim), np.float32)
-    ok = np.zeros(n, bool)
     reasons = [""] * n
-    res = ChunkResult(chunk=chunk, n_ok=0)
     rows: list[int] = []
     images: list[np.ndarray] = []
+    t = timings if timings is not None else ChunkResult(chunk=-1, n_ok=0)
 
     def flush() -> None:
         t0 = time.perf_counter()
@@ -233,37 +239,54 @@ def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
         for j in failed:
             reasons[rows[j]] = "image could not be resized (degenerate size)"
         t1 = time.perf_counter()
-        out = forward_views(runner, len(images), spec.views)
-        t2 = time.perf_counter()
-        res.preprocess_seconds += t1 - t0
-        res.forward_seconds += t2 - t1
+        out = forward_views(runner, len(images), views)
+        t.preprocess_seconds += t1 - t0
+        t.forward_seconds += time.perf_counter() - t1
         good = [j for j in range(len(images)) if j not in failed]
-        idx = np.array([rows[j] for j in good], dtype=np.int64)
-        feats[idx] = out[good]
-        ok[idx] = True
+        feats[np.array([rows[j] for j in good], dtype=np.int64)] = out[good]
         rows.clear()
         images.clear()
 
+    side = runner.pp.resize
     with runner.lock:  # a worker with several threads shares one buffer per model
-        for r, path in enumerate(paths):
+        for r, src in enumerate(sources):
             t0 = time.perf_counter()
             try:
-                images.append(load_image(path, runner.pp.resize, spec.options))
+                if src is None:
+                    raise ValueError("no image (null value)")
+                if isinstance(src, (bytes, bytearray, memoryview)):
+                    images.append(decode_image(bytes(src), target_short_side=side))
+                else:
+                    images.append(load_image(str(src), side, storage_options))
                 rows.append(r)
             except Exception as exc:  # noqa: BLE001 - every bad file is skipped with its reason
                 reasons[r] = _reason(exc)
-            res.read_seconds += time.perf_counter() - t0
+            t.read_seconds += time.perf_counter() - t0
             if len(images) == runner.batch_size:
                 flush()
         if images:
             flush()
-    bad_out = ok & ~np.isfinite(feats).all(axis=1)
-    for r in np.flatnonzero(bad_out):
-        ok[r] = False
-        reasons[r] = "non-finite features"
+    for r in np.flatnonzero(~np.isfinite(feats).all(axis=1)):
+        if not reasons[r]:
+            reasons[r] = "non-finite features"
+    return feats, reasons
+
+
+def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
+    """Featurize the rows of one chunk and write them, then the chunk's done-marker."""
+    t_start = time.perf_counter()
+    store = cached_store(spec.store_url, spec.options, mode="r+")
+    runner = get_runner(spec)
+    _set_threads(spec.threads)
+    paths = store.chunk_paths(chunk)
+    res = ChunkResult(chunk=chunk, n_ok=0)
+    feats, reasons = featurize_sources(runner, paths, views=spec.views,
+                                       storage_options=spec.options, timings=res)
+    ok = np.array([not r for r in reasons], dtype=bool)
+    feats[~ok] = 0.0
     store.write_chunk(chunk, feats, ok, reasons)
     res.n_ok = int(ok.sum())
-    res.skipped = [(paths[r], reasons[r]) for r in range(n) if not ok[r]]
+    res.skipped = [(paths[r], reasons[r]) for r in range(len(paths)) if not ok[r]]
     res.seconds = time.perf_counter() - t_start
     return res
 

@@ -199,6 +199,36 @@ def test_predictor_gives_the_saved_models_predictions(spark, photos, model_dir):
             assert max(r["probability"]) == pytest.approx(w.score, rel=1e-4)
 
 
+def test_predictor_uses_the_views_the_model_was_trained_with(spark, photos, model_dir,
+                                                             tmp_path):
+    # a model of center+flip features must see center+flip features in Spark too
+    import json
+    import shutil
+
+    import deeptransfer as dt
+
+    flip_dir = tmp_path / "flip-model"
+    shutil.copytree(model_dir, flip_dir)
+    cfg = json.loads((flip_dir / "config.json").read_text())
+    cfg["preprocess"]["views"] = "center+flip"
+    (flip_dir / "config.json").write_text(json.dumps(cfg))
+    root, _, _ = photos
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    want = {p.path: p.score for p in dt.load(str(flip_dir)).predict(paths)}
+    center = {p.path: p.score for p in dt.load(model_dir).predict(paths)}
+    good = [p for p in paths if want[p] is not None]  # the dataset has bad files too
+    assert good and any(abs(want[p] - center[p]) > 1e-3 for p in good), "views must matter"
+    df = spark.createDataFrame([(p,) for p in paths], ["path"])
+    pred = DeepImagePredictor(modelDir=str(flip_dir), probabilityCol="probability")
+    rows = pred.transform(df).collect()
+    assert len(rows) == len(paths)
+    for r in rows:
+        if want[r["path"]] is None:
+            assert r["probability"] is None
+        else:
+            assert max(r["probability"]) == pytest.approx(want[r["path"]], rel=1e-4), r["path"]
+
+
 def test_sql_predict_function_on_paths_and_bytes(spark, photos, model_dir):
     import deeptransfer as dt
 
