@@ -46,12 +46,12 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import dask
-from distributed import Client, Future, LocalCluster, as_completed
+from distributed import Client, Future, KilledWorker, LocalCluster, as_completed
 
-from deeptransfer.adapters.local import preserved_environ, tree_combine
-from deeptransfer.executor import BaseExecutor
-from deeptransfer.errors import EngineUnavailableError, InvalidParameterError, check_int
-from deeptransfer.workerenv import malloc_environ, thread_environ
+from deeptransfer.executor import BaseExecutor, tree_combine
+from deeptransfer.errors import (EngineUnavailableError, InvalidParameterError, TaskError,
+                                 check_int)
+from deeptransfer.workerenv import ENV_LOCK, malloc_environ, preserved_environ, thread_environ
 
 #: ``shared`` values whose pickle, times the number of tasks, stays under this many bytes go
 #: inline with every task (cheapest); larger ones are scattered to the workers once per job.
@@ -126,7 +126,7 @@ def _start_cluster(factory: Callable[..., Any], worker_env: Mapping[str, Any],
     """
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **worker_env}
     touched = [k for k in pre_spawn] + ["PYTHONHASHSEED"]
-    with preserved_environ(touched), \
+    with ENV_LOCK, preserved_environ(touched), \
             dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn,
                              "distributed.worker.profile.enabled": profile}):
         return factory(**kwargs)
@@ -150,7 +150,6 @@ class DaskExecutor(BaseExecutor):
     """
 
     name = "dask"
-    default_device = "cpu"
     #: pinned tasks may run elsewhere when their worker is busy or gone (tests turn this off
     #: to make a pin that can never be served, the way a lost worker's pin once hung)
     _loose_pins = True
@@ -419,8 +418,13 @@ class DaskExecutor(BaseExecutor):
                     continue
                 if fut.status == "error":
                     if not fetch:
-                        fut.result()  # raises the worker's exception with its traceback
+                        try:
+                            fut.result()  # raises the worker's exception with its traceback
+                        except KilledWorker as exc:
+                            raise _lost(i, exc) from exc
                     typ, exc, tb = payload
+                    if isinstance(exc, KilledWorker):
+                        raise _lost(i, exc) from exc
                     raise exc.with_traceback(tb)
                 if fut.status == "cancelled":
                     if not isinstance(ref, Future) or losses[i] >= _MAX_SHARED_LOSSES:
@@ -442,6 +446,12 @@ class DaskExecutor(BaseExecutor):
             if live:  # an error, or the caller stopped iterating: drop what is still queued
                 ac.clear()
                 client.cancel([f for _, f in live.values()])
+
+
+def _lost(i: int, exc: BaseException) -> TaskError:
+    """The engines' one error for a task whose workers kept dying (the local engine's too)."""
+    return TaskError(f"task {i} lost its worker too many times (killed or out of memory?): "
+                     f"{exc}")
 
 
 def _next_within(ac: as_completed, timeout: float) -> Any:

@@ -11,37 +11,19 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import threading
 import traceback
 from collections import deque
-from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from deeptransfer.executor import BaseExecutor
+from deeptransfer.executor import BaseExecutor, tree_combine
 from deeptransfer.errors import TaskError, check_int
-from deeptransfer.workerenv import malloc_environ
-
-_env_lock = threading.Lock()
-
-
-@contextmanager
-def preserved_environ(keys: Iterable[str]) -> Iterator[None]:
-    """Restore these environment variables (or their absence) when the block ends."""
-    saved = {k: os.environ.get(k) for k in keys}
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+from deeptransfer.workerenv import ENV_LOCK, malloc_environ, preserved_environ, thread_environ
 
 
 def _worker_main(conn: Connection, threads: int) -> None:
-    # Thread counts must be set before torch/numba start their pools.
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # Thread counts must be set before torch/numba start their pools (OpenMP's and BLAS's
+    # came with the environment the worker was spawned with: workerenv.thread_environ)
     os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
     try:
         import torch
@@ -80,7 +62,7 @@ class _Worker:
     def __init__(self, ctx: Any, slot: int, threads: int, env: dict[str, str]):
         self.slot = slot
         parent, child = ctx.Pipe()
-        with _env_lock, preserved_environ(env):  # a spawned child copies os.environ at start
+        with ENV_LOCK, preserved_environ(env):  # a spawned child copies os.environ at start
             os.environ.update(env)
             self.proc = ctx.Process(target=_worker_main, args=(child, threads),
                                     name=f"deeptransfer-worker-{slot}", daemon=True)
@@ -119,14 +101,19 @@ class LocalExecutor(BaseExecutor):
         self.threads_per_worker = threads_per_worker or max(1, cores // max(1, self.n_workers))
         check_int("threads_per_worker", self.threads_per_worker, low=1, where="the local engine")
         self.max_retries = check_int("max_retries", max_retries, low=0)
-        # glibc's malloc settings (deeptransfer.workerenv) for the processes started here
-        self._env: dict[str, str] = malloc_environ() if malloc_tunables else {}
+        # thread counts and glibc's malloc settings (deeptransfer.workerenv) for the workers
+        self._env: dict[str, str] = {**thread_environ(self.threads_per_worker),
+                                     **(malloc_environ() if malloc_tunables else {})}
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self._job = 0
         self._closed = False
         # started now, like a LocalCluster: the workers import torch while the caller plans
-        self._ensure_started()
+        try:
+            self._ensure_started()
+        except BaseException:  # workers started before the failure must not linger
+            self.close()
+            raise
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _ensure_started(self) -> None:
@@ -151,12 +138,11 @@ class LocalExecutor(BaseExecutor):
         self._workers = []
         self._closed = True
 
-
     def __repr__(self) -> str:
         return f"LocalExecutor(n_workers={self.n_workers}, threads_per_worker={self.threads_per_worker})"
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the workers (started on first use); tests kill them."""
+        """Process ids of the workers (restarted first if any died); tests kill them."""
         self._ensure_started()
         return [w.proc.pid for w in self._workers]
 
@@ -272,14 +258,3 @@ class LocalExecutor(BaseExecutor):
             except (EOFError, OSError):
                 pass
             self._restart(w)
-
-
-def tree_combine(results: list[Any], combine: Callable[[Any, Any], Any]) -> Any:
-    """Pairwise reduction in task order: the same tree on every run."""
-    level = list(results)
-    while len(level) > 1:
-        nxt = [combine(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return level[0]

@@ -49,7 +49,7 @@ from pyspark.accumulators import AccumulatorParam
 from pyspark.sql import SparkSession
 
 from deeptransfer.executor import BaseExecutor
-from deeptransfer.workerenv import malloc_environ
+from deeptransfer.workerenv import ENV_LOCK, malloc_environ, preserved_environ
 from deeptransfer.errors import TaskError
 from deeptransfer.errors import (EngineUnavailableError, InvalidParameterError, check_choice,
                                  check_int)
@@ -189,11 +189,6 @@ class SparkExecutor(BaseExecutor):
             n = n_workers or os.cpu_count() or 1
             master = f"local[{n},{self.max_failures}]"
         local = master.startswith("local")
-        # Before the JVM starts: it and the Python workers it forks read these.
-        if local:
-            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
         settings: dict[str, Any] = {
             "spark.app.name": "deeptransfer",
             "spark.ui.enabled": "true" if ui else "false",
@@ -201,10 +196,7 @@ class SparkExecutor(BaseExecutor):
             "spark.python.worker.reuse": "true",  # per-process model/shard caches survive
             "spark.task.maxFailures": str(self.max_failures),
         }
-        # glibc's malloc settings for the Python workers (deeptransfer.workerenv): Spark
-        # gives them the spark.executorEnv.* variables, in local mode too
-        for k, v in malloc_environ().items():
-            settings[f"spark.executorEnv.{k}"] = v
+        settings.update(worker_malloc_conf(conf.__contains__))
         if local:
             settings["spark.driver.host"] = "127.0.0.1"
             settings["spark.driver.bindAddress"] = "127.0.0.1"
@@ -220,7 +212,16 @@ class SparkExecutor(BaseExecutor):
         builder = SparkSession.builder.master(master)
         for k, v in settings.items():
             builder = builder.config(k, v)
-        session = builder.getOrCreate()
+        # Read when the JVM and the context start (the JVM's address, the workers'
+        # interpreter), then restored: a later engine in this process, e.g. one for a YARN
+        # master, must not inherit the loopback address.
+        keys = ["SPARK_LOCAL_IP", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON"]
+        with ENV_LOCK, preserved_environ(keys):
+            if local:
+                os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+            session = builder.getOrCreate()
         session.sparkContext.setLogLevel("ERROR")
         sc = session.sparkContext
         return session, master, n_workers or _slots_of(master) or sc.defaultParallelism
@@ -376,6 +377,18 @@ class SparkExecutor(BaseExecutor):
             rdd.count()  # cache it now, spread over the executors, before the first round
             self._anchor, self._anchor_slots = rdd, slots
         return self._anchor
+
+
+def worker_malloc_conf(is_set: Callable[[str], bool]) -> dict[str, str]:
+    """``spark.executorEnv.*`` settings that give the Python workers glibc's malloc settings
+    (``deeptransfer.workerenv``; Spark passes executorEnv to them, in local mode too), except
+    where ``is_set(key)`` says the user's configuration already has that key."""
+    out = {}
+    for k, v in malloc_environ().items():
+        key = f"spark.executorEnv.{k}"
+        if not is_set(key):
+            out[key] = v
+    return out
 
 
 #: the steps whose first run in this Python worker has been followed by a gc.freeze()

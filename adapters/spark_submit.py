@@ -70,15 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
-    from deeptransfer.adapters.spark import SESSION_ENV
+    from deeptransfer.adapters.spark import SESSION_ENV, worker_malloc_conf
     from deeptransfer.cli import main as cli_main
-    from deeptransfer.workerenv import malloc_environ
 
     builder = SparkSession.builder.appName(f"deeptransfer {argv[0]}")
     submitted = SparkConf()  # what spark-submit was given (--conf, spark-defaults.conf)
-    for k, v in malloc_environ().items():  # the workers' malloc settings, unless given
-        if not submitted.contains(f"spark.executorEnv.{k}"):
-            builder = builder.config(f"spark.executorEnv.{k}", v)
+    for k, v in worker_malloc_conf(submitted.contains).items():
+        builder = builder.config(k, v)
     spark = builder.getOrCreate()
     if not spark.sparkContext.getConf().contains("spark.log.level"):
         spark.sparkContext.setLogLevel("WARN")  # INFO lines would bury the progress bar

@@ -77,7 +77,7 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
         return run_featurize(ex, manifest, store, model=ModelSpec(model, layer, weights),
                              batch_size=batch_size, dtype=dtype, chunk_rows=chunk_rows,
                              compile=compile,
-                             device=device or getattr(ex, "default_device", "cpu"),
+                             device=device,
                              precision=precision, views=views, seed=seed,
                              split_config=split_config, storage_options=storage_options,
                              overwrite=overwrite, progress=progress)

@@ -11,15 +11,18 @@ from typing import Any, Mapping
 
 
 def probe(task: Any, shared: Any) -> dict[str, Any]:
-    """Echo a task with the worker's pid; ``task`` may ask to sleep, fail or die (once).
+    """Echo a task with the worker's pid; ``task`` may ask to sleep, fail or die.
 
     ``task`` is an int or a mapping with keys ``value``, ``sleep`` (seconds), ``fail``
-    (raise ValueError), ``die_once`` (a marker-file path: the first attempt kills its worker
-    process without cleanup, later attempts succeed).
+    (raise ValueError), ``die`` (every attempt kills its worker process), ``die_once`` (a
+    marker-file path: the first attempt kills its worker process without cleanup, later
+    attempts succeed).
     """
     t: Mapping[str, Any] = task if isinstance(task, Mapping) else {"value": task}
     if t.get("sleep"):
         time.sleep(float(t["sleep"]))
+    if t.get("die"):
+        os._exit(17)  # every attempt: the engine must give up with a TaskError
     marker = t.get("die_once")
     if marker and not os.path.exists(marker):
         with open(marker, "w") as f:

@@ -55,11 +55,28 @@ class Executor(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+def tree_combine(results: list[Any], combine: Callable[[Any, Any], Any]) -> Any:
+    """Pairwise reduction in task order: the same tree on every run and every engine.
+
+    Engines that combine on the driver call it; Spark's treeAggregate and Dask's combine
+    tasks reproduce this tree, so the same seed gives the same head on every engine.
+    """
+    level = list(results)
+    while len(level) > 1:
+        nxt = [combine(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
 class BaseExecutor:
     """What every adapter shares: the context manager and map_reduce's argument checks."""
 
     name: str = "base"
     n_workers: int = 0
+    #: where featurize runs the network unless told otherwise ("cuda" on GPU engines)
+    default_device: str = "cpu"
 
     def close(self) -> None:  # pragma: no cover - every adapter overrides it
         raise NotImplementedError

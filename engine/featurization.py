@@ -328,11 +328,16 @@ def library_versions() -> dict[str, str]:
 
 def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, model: Any,
                   batch_size: int = 16, dtype: str = "float32", chunk_rows: int = 256,
-                  compile: bool = False, device: str = "cpu", precision: str = "auto",
+                  compile: bool = False, device: str | None = None, precision: str = "auto",
                   views: str = "center", seed: int = 0, split_config: Mapping[str, Any] | None = None,
                   storage_options: Mapping | None = None, overwrite: bool = False,
                   progress: bool | Callable[[ChunkResult], None] = True) -> FeaturizeReport:
-    """Create (or resume) the store for ``manifest`` and featurize its unfinished chunks."""
+    """Create (or resume) the store for ``manifest`` and featurize its unfinished chunks.
+
+    ``device``: where the network runs; None is the engine's default (``cuda`` on
+    dask-cuda, else ``cpu``).
+    """
+    device = device or getattr(executor, "default_device", "cpu")
     from .models import ModelSpec, get_model_info, resolve_layer
 
     check_int("batch_size", batch_size, low=1, where="featurize")

@@ -6,6 +6,28 @@ the same forward pass costs the same on every engine.
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+#: held while this process's environment is changed for child processes to inherit (local
+#: workers, a LocalCluster's nannies, Spark's JVM), so two engines starting at once in one
+#: process cannot see or restore each other's settings
+ENV_LOCK = threading.Lock()
+
+
+@contextmanager
+def preserved_environ(keys: Iterable[str]) -> Iterator[None]:
+    """Restore these environment variables (or their absence) when the block ends."""
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 #: glibc malloc settings for worker processes (glibc reads them at process start only).
 #:

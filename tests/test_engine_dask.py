@@ -23,7 +23,7 @@ from distributed import Client  # noqa: E402
 
 from deeptransfer.adapters import dask as dask_adapter  # noqa: E402
 from deeptransfer.adapters.dask import DaskCudaExecutor, DaskExecutor  # noqa: E402
-from deeptransfer.adapters.local import tree_combine  # noqa: E402
+from deeptransfer.executor import tree_combine  # noqa: E402
 from deeptransfer.workerenv import MALLOC_TUNABLES  # noqa: E402
 from deeptransfer.diagnostics import add_values, probe  # noqa: E402
 from deeptransfer.errors import EngineUnavailableError, InvalidParameterError  # noqa: E402
@@ -238,6 +238,18 @@ def test_task_pinned_to_a_worker_that_left_is_resubmitted(monkeypatch):
         total = ex.map_reduce(probe, [1, 2, 3, 4], add_values, affinity=[0, 1, 0, 1])
         assert time.monotonic() - t0 < 30
     assert (total["value"] if isinstance(total, dict) else total) == 10
+
+
+def test_a_task_that_always_kills_its_worker_is_a_task_error():
+    # the local engine's error for the same case, not distributed's KilledWorker
+    from deeptransfer.errors import TaskError
+
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        with DaskExecutor(1, dashboard=False) as ex:
+            with pytest.raises(TaskError, match="lost its worker"):
+                list(ex.map_unordered(probe, [{"value": 0, "die": True}]))
 
 
 @pytest.mark.parametrize("opts, match", [

@@ -20,4 +20,14 @@ def test_inline_mode_runs_in_process():
         assert [r["pid"] for _, r in ex.map_unordered(probe, [1, 2])] == [os.getpid()] * 2
 
 
+def test_a_task_that_always_kills_its_worker_is_a_task_error():
+    from deeptransfer.diagnostics import probe
+    from deeptransfer.errors import TaskError
+
+    with LocalExecutor(1, max_retries=1) as ex:
+        with pytest.raises(TaskError, match="lost its worker"):
+            list(ex.map_unordered(probe, [{"value": 0, "die": True}]))
+        assert [r["value"] for _, r in ex.map_unordered(probe, [7])] == [7]  # still usable
+
+
 from engine_job_checks import *  # noqa: E402,F401,F403 - featurize/train job checks

@@ -29,7 +29,7 @@ import engine_checks  # noqa: E402
 from engine_checks import *  # noqa: E402,F401,F403 - the conformance suite
 from pyspark import cloudpickle  # noqa: E402
 
-from deeptransfer.adapters.local import tree_combine  # noqa: E402
+from deeptransfer.executor import tree_combine  # noqa: E402
 from deeptransfer.adapters.spark import PairwiseTree, SparkExecutor  # noqa: E402
 from deeptransfer.diagnostics import add_values, probe  # noqa: E402
 from deeptransfer.errors import EngineUnavailableError, InvalidParameterError  # noqa: E402
