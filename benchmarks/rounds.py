@@ -8,16 +8,18 @@ efficientnet_lite0), which benchmarks/engines.py does not train (its data has 10
 This script makes a feature store of that shape with class-dependent Gaussian features (the
 overhead does not depend on the values), trains the default head (softmax, Adam, 2 workers x
 32 rows, averaging every 5 minibatches) on each engine in turn, A B C A B C, and prints the
-median per-round compute and overhead from each run's ``rounds.jsonl``: overhead is the
-round's wall time minus the slowest worker's ``fit_shard`` time, i.e. broadcast, scheduling,
-the reduction, the driver's averaging and the checkpoint. Rounds of the first epoch (shards
-loaded) are left out. Engine start-up is not in any figure.
+median per-round compute, overhead and checkpoint time of each run's rounds: overhead is
+the round's wall time minus the slowest worker's ``fit_shard`` time, i.e. broadcast,
+scheduling, the reduction and the driver's averaging; the driver's checkpoint after each
+round comes on top and is printed apart. Rounds of the first epoch (shards loaded) are
+left out. Engine start-up is not in any figure.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -59,18 +61,22 @@ def one_run(engine: str, store: str, epochs: int, workers: int) -> dict:
 
     cfg = dt.train_config(workers=workers, epochs=epochs, batch_size_per_worker=32,
                           averaging_frequency=5, optimizer="adam", lr=1e-3, seed=0)
-    with get_executor(engine, {"n_workers": workers}) as ex:
-        start_workers(ex)
-        out = tempfile.mkdtemp(prefix=f"dt-rounds-{engine}-")
-        t0 = time.perf_counter()
-        res = train_head(ex, store, cfg, out, progress=False, plot=False)
-        wall = time.perf_counter() - t0
-    with open(os.path.join(out, "rounds.jsonl"), encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f]
+    recs: list[dict] = []  # the rounds' records, with their checkpoint time (the callback's)
+    out = tempfile.mkdtemp(prefix=f"dt-rounds-{engine}-")
+    try:
+        with get_executor(engine, {"n_workers": workers}) as ex:
+            start_workers(ex)
+            t0 = time.perf_counter()
+            res = train_head(ex, store, cfg, out, progress=False, plot=False,
+                             callback=recs.append)
+            wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     later = [r for r in recs if r["epoch"] >= 1] or recs
     return {"rounds": res.rounds, "wall_seconds": wall,
             "compute_ms": 1e3 * statistics.median(r["compute_seconds"] for r in later),
-            "overhead_ms": 1e3 * statistics.median(r["overhead_seconds"] for r in later)}
+            "overhead_ms": 1e3 * statistics.median(r["overhead_seconds"] for r in later),
+            "checkpoint_ms": 1e3 * statistics.median(r["checkpoint_seconds"] for r in later)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,22 +96,26 @@ def main(argv: list[str] | None = None) -> dict:
     store = make_store(os.path.join(work, "f.zarr"), args.dim, args.classes,
                        args.rows_per_class)
     runs: dict[str, list[dict]] = {e: [] for e in engines}
-    for rep in range(args.repeats):
-        for e in engines:
-            r = one_run(e, store, args.epochs, args.workers)
-            runs[e].append(r)
-            print(f"[{rep + 1}/{args.repeats}] {e:6s} round compute {r['compute_ms']:6.1f} ms, "
-                  f"overhead {r['overhead_ms']:6.1f} ms, "
-                  f"{r['rounds']} rounds", file=sys.stderr if args.json else sys.stdout,
-                  flush=True)
+    try:
+        for rep in range(args.repeats):
+            for e in engines:
+                r = one_run(e, store, args.epochs, args.workers)
+                runs[e].append(r)
+                print(f"[{rep + 1}/{args.repeats}] {e:6s} round compute {r['compute_ms']:6.1f} "
+                      f"ms, overhead {r['overhead_ms']:6.1f} ms (+ checkpoint "
+                      f"{r['checkpoint_ms']:.1f}), {r['rounds']} rounds",
+                      file=sys.stderr if args.json else sys.stdout, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     summary = {e: {k: statistics.median(r[k] for r in rs)
-                   for k in ("compute_ms", "overhead_ms")}
+                   for k in ("compute_ms", "overhead_ms", "checkpoint_ms")}
                for e, rs in runs.items()}
     out = {"dim": args.dim, "classes": args.classes, "workers": args.workers,
            "params": (args.dim + 1) * args.classes, "results": summary, "runs": runs}
     print(f"\nhead {args.dim} x {args.classes}, {args.workers} workers: median per round")
     for e, s in summary.items():
-        print(f"  {e:6s} compute {s['compute_ms']:6.1f} ms   overhead {s['overhead_ms']:6.1f} ms")
+        print(f"  {e:6s} compute {s['compute_ms']:6.1f} ms   overhead {s['overhead_ms']:6.1f} ms"
+              f"   checkpoint {s['checkpoint_ms']:5.1f} ms")
     if args.json:
         print(json.dumps(out))
     return out

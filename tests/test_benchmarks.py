@@ -210,7 +210,7 @@ def test_rounds_benchmark_reports_compute_and_overhead(capsys):
                        "--epochs", "2", "--engines", "local", "--repeats", "1", "--json"])
     assert out["params"] == 17 * 5
     r = out["results"]["local"]
-    assert r["compute_ms"] > 0 and r["overhead_ms"] > 0
+    assert r["compute_ms"] > 0 and r["overhead_ms"] > 0 and r["checkpoint_ms"] > 0
     (run,) = out["runs"]["local"]
     assert run["rounds"] >= 2  # at least one round in each of the 2 epochs
     last = capsys.readouterr().out.strip().splitlines()[-1]
