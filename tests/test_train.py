@@ -581,6 +581,27 @@ def test_kill_between_log_line_and_checkpoint_leaves_one_line_per_round(blobs, t
     assert [r["global_round"] for r in _rounds(tmp_path)] == list(range(res.rounds))
 
 
+def test_each_callback_comes_after_its_rounds_checkpoint_in_round_order(blobs, tmp_path):
+    # checkpoints are written while the next round runs; a callback must still see its own
+    # round on disk (a kill raised from it resumes after that round, not before)
+    from deeptransfer.training import load_checkpoint
+
+    c = cfg(**RESUMABLE)
+    seen = []
+
+    def check(record):
+        meta, *_ = load_checkpoint(str(tmp_path / "checkpoint.safetensors"))
+        seen.append((record["global_round"], meta["global_round"]))
+        assert record["checkpoint_seconds"] > 0 and record["checkpoint_wait_seconds"] >= 0
+
+    res = run(SerialExecutor(2), blobs, c, tmp_path, callback=check)
+    assert [g for g, _ in seen] == list(range(res.rounds))
+    # on disk: the state after this round (the next round's write starts after the call)
+    assert all(on_disk == g + 1 for g, on_disk in seen)
+    starts = [r["start_time"] for r in _rounds(tmp_path)]
+    assert starts == sorted(starts)
+
+
 def test_resume_refuses_other_settings_and_resume_false_starts_over(blobs, tmp_path):
     c = cfg(epochs=1)
     first = run(SerialExecutor(1), blobs, c, tmp_path)
