@@ -9,9 +9,16 @@ Only scheduling lives here; the steps are the core's (``featurize_chunk``, ``fit
 so a Dask run writes the same store and trains the same head as a local one.
 
 How the primitives map onto Dask, and why (measured with a 1280 x 257 float32 head, 2
-workers, on a busy shared 2-core machine: a parameter-averaging round costs about 30 ms
-beyond the workers' compute, the local engine's about 10 ms; see DRIVER_REDUCE_MAX for the
-reduction):
+workers, on a busy shared 2-core machine: a parameter-averaging round costs about 33 ms
+beyond the workers' compute, the local engine's about 18 ms; see benchmarks/rounds.py, and
+DRIVER_REDUCE_MAX for the reduction):
+
+- in a cluster this engine starts, the client sends and fetches data to and from the
+  workers directly (``direct_to_workers``) instead of through the scheduler, which would
+  receive and resend every byte: 3.9 MB out and back per worker per round with Adam's state,
+  about 10 ms a round less. For an existing deployment Dask's own setting applies
+  (``distributed.client.direct-to-workers``, off by default because a client outside the
+  cluster's network may not reach the workers; deploy/dask.md).
 
 - one task per item, ``pure=False`` (a rerun must run again), ``retries`` for exceptions;
   a worker that dies is noticed by the scheduler, its nanny starts a new one, and the
@@ -205,7 +212,10 @@ class DaskExecutor(BaseExecutor):
             self._cluster, self._n_workers = self._start(n_workers, threads_per_worker,
                                                          dashboard, env)
             try:
-                self._client = Client(self._cluster, set_as_default=False)
+                # the workers are on this machine: fetch results from them and scatter to
+                # them directly rather than through the scheduler (see the module docstring)
+                self._client = Client(self._cluster, set_as_default=False,
+                                      direct_to_workers=True)
             except BaseException:
                 self._cluster.close()
                 raise

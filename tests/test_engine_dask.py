@@ -213,6 +213,36 @@ def test_own_cluster_worker_environment():
     assert dict(os.environ) == driver_env, "starting the cluster changed the driver's environment"
 
 
+
+def _spy_on_relays(dask_scheduler):
+    """Count the scheduler's scatter/gather requests (data relayed through the scheduler)."""
+    dask_scheduler.dt_relayed = []
+    for op in ("scatter", "gather"):
+        def wrap(orig, op=op):
+            async def handler(*args, **kwargs):
+                dask_scheduler.dt_relayed.append(op)
+                return await orig(*args, **kwargs)
+            return handler
+        dask_scheduler.handlers[op] = wrap(dask_scheduler.handlers[op])
+
+
+def test_own_cluster_moves_data_without_the_scheduler():
+    # the driver and the workers of a cluster we start share a machine: the broadcast
+    # parameters and the partial results go between them directly, not relayed (and copied
+    # twice more) through the scheduler; the scheduler only tracks where the data is
+    big = np.arange(400_000, dtype=np.float32)  # scattered, not inlined
+    with DaskExecutor(1, dashboard=False) as ex:
+        ex.client.run_on_scheduler(_spy_on_relays)
+        got = ex.map_reduce(_scaled, [1, 2, 3], _add_arrays, shared=big)
+        relayed = ex.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.dt_relayed)
+        # the same calls through a client that uses the scheduler (Dask's default) do show up
+        with Client(ex.client.scheduler.address, set_as_default=False) as plain:
+            plain.gather(plain.scatter([big]))
+        both = ex.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.dt_relayed)
+    assert np.array_equal(got, tree_combine([_scaled(t, big) for t in (1, 2, 3)], _add_arrays))
+    assert relayed == [], relayed
+    assert both == ["scatter", "gather"], "the spy did not see a relay it should have"
+
 def test_lost_shared_value_is_scattered_again(tmp_path):
     # one worker: the only copy of the scattered value dies with it
     big = np.ones(100_000, dtype=np.float32)
