@@ -9,8 +9,8 @@ Only scheduling lives here; the steps are the core's (``featurize_chunk``, ``fit
 so a Dask run writes the same store and trains the same head as a local one.
 
 How the primitives map onto Dask, and why (measured with a 1280 x 257 float32 head, 2
-workers, on a busy shared 2-core machine: a parameter-averaging round costs about 33 ms
-beyond the workers' compute, the local engine's about 18 ms; see benchmarks/rounds.py, and
+workers, on a busy shared 2-core machine: a parameter-averaging round costs about 30 ms
+beyond the workers' compute, the local engine's about 15 ms; see benchmarks/rounds.py, and
 DRIVER_REDUCE_MAX for the reduction):
 
 - in a cluster this engine starts, the client sends and fetches data to and from the
