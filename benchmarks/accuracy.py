@@ -22,6 +22,8 @@ import tempfile
 import time
 from dataclasses import replace
 
+from engines import time_to  # one definition for both benchmarks
+
 
 def reference_logreg(store, seed: int) -> dict:
     """LogisticRegression on standardized features, C chosen on the validation split."""
@@ -46,16 +48,6 @@ def reference_logreg(store, seed: int) -> dict:
     m = metrics(yte, clf.predict_proba(xte), store.classes)
     return {"top1": m["top1"], "mean_per_class": m["mean_per_class"], "C": c,
             "seconds": time.perf_counter() - t0}
-
-
-def time_to(history: list[dict], target: float) -> float | None:
-    """Seconds of training until the validation top-1 first reached ``target``."""
-    total = 0.0
-    for h in history:
-        total += h["seconds"]
-        if h.get("val_top1", -1) >= target:
-            return total
-    return None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -47,6 +47,7 @@ import os
 import pickle
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -559,8 +560,7 @@ def run_child(spec: dict[str, Any], work: str, log: Any, timeout: float) -> dict
             and not env.get("DT_BENCH_NO_TUNABLES"):
         env["GLIBC_TUNABLES"] = TUNABLES  # the limit is measured as featurize.py measures it
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", path],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    proc = _run_group([sys.executable, os.path.abspath(__file__), "--_child", path], env, timeout)
     log.write(f"===== {spec['kind']} {spec.get('engine', '')} {spec.get('label', '')} "
               f"rc={proc.returncode} {time.perf_counter() - t0:.1f}s\n{proc.stderr}\n")
     log.flush()
@@ -572,6 +572,23 @@ def run_child(spec: dict[str, Any], work: str, log: Any, timeout: float) -> dict
     out["wall_seconds"] = time.perf_counter() - t0
     shutil.rmtree(spec["work"], ignore_errors=True)  # stores, Parquet, features: not kept
     return out
+
+
+def _run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (the engine's
+    workers, nannies, the Spark JVM), not just the child, then raise TimeoutExpired."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:  # the timeout, or Ctrl-C in the benchmark driver
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _median(values: Sequence[Any]) -> Any:

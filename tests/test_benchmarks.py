@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -218,3 +219,23 @@ def test_rounds_benchmark_reports_compute_and_overhead(capsys):
     assert run["rounds"] >= 4  # ~800 train rows, 2 x 160 a round: several rounds an epoch
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["results"]["local"] == r
+
+
+def test_a_timed_out_benchmark_child_takes_its_whole_process_group_with_it(tmp_path):
+    # an engine child that hangs leaves workers, nannies or a JVM behind unless the whole
+    # group goes; here the child starts a grandchild and both outlive the timeout
+    pidfile = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        engines._run_group([sys.executable, "-c", code], dict(os.environ), timeout=3)
+    grandchild = int(pidfile.read_text())
+    deadline = time.time() + 5
+    while time.time() < deadline and os.path.exists(f"/proc/{grandchild}") and \
+            not open(f"/proc/{grandchild}/stat").read().split()[2] == "Z":
+        time.sleep(0.05)
+    alive = os.path.exists(f"/proc/{grandchild}") and \
+        open(f"/proc/{grandchild}/stat").read().split()[2] != "Z"
+    assert not alive, "the grandchild outlived the timed-out benchmark child"
