@@ -45,7 +45,7 @@ import uuid
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pyspark import SparkContext, StorageLevel
-from pyspark.accumulators import AccumulatorParam
+from pyspark.accumulators import AccumulatorParam, _accumulatorRegistry
 from pyspark.sql import SparkSession
 
 from deeptransfer.executor import BaseExecutor
@@ -326,6 +326,10 @@ class SparkExecutor(BaseExecutor):
                 sc.cancelJobGroup(group)
                 thread.join()
             sink.sink = None  # a late update (there should be none) is dropped
+            # pyspark keeps every accumulator in a module-level registry for the driver's
+            # lifetime; a training run makes one per round. Updates for an id no longer
+            # there are skipped by pyspark's accumulator server.
+            _accumulatorRegistry.pop(acc.aid, None)
             if bshared is not None:
                 _destroy(bshared)
 

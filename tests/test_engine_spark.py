@@ -154,6 +154,20 @@ def test_abandoned_iterator_cancels_the_job(executor):
     assert dict(executor.map_unordered(probe, [7]))[0]["value"] == 7
 
 
+
+def test_jobs_leave_no_accumulators_registered(executor):
+    # results come back through one accumulator per job; a training run has one job per
+    # round, so each must leave pyspark's driver-wide registry when its job is done
+    from pyspark.accumulators import _accumulatorRegistry
+
+    before = len(_accumulatorRegistry)
+    for k in range(5):
+        assert dict(executor.map_unordered(probe, [{"value": k}, {"value": k + 1}]))[1]["value"] == k + 1
+    it = executor.map_unordered(probe, [{"value": 0}] + [{"value": 1, "sleep": 30}])
+    next(it)
+    it.close()  # an abandoned job too
+    assert len(_accumulatorRegistry) == before
+
 def test_map_reduce_tree_of_many_partitions(executor):
     """More partitions than depth**2: treeAggregate adds a shuffle level, same total."""
     tasks = list(range(1, 41))
