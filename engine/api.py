@@ -62,10 +62,13 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     Resumable: a rerun computes only the chunks a killed run left unfinished. ``device``
     defaults to the engine's (``cuda`` on dask-cuda, else ``cpu``).
     """
-    from .dataset import load_dataset
+    from .dataset import check_dataset_options, load_dataset
     from .models import ModelSpec
 
     check_engine(engine)
+    # a mistyped path or split fails here, not after a cluster has started
+    check_dataset_options(dataset, split=split, per_class_train=per_class_train,
+                          storage_options=storage_options)
     split_config = {"split": split if isinstance(split, (str, type(None))) else dict(split),
                     "per_class_train": per_class_train, "per_class_val": per_class_val,
                     "exclude_classes": list(exclude_classes), "seed": seed}

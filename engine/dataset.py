@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import fsspec
 import numpy as np
@@ -64,17 +64,36 @@ def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
 
 
+def dataset_root(url: str, storage_options: Mapping | None = None) -> tuple[Any, str]:
+    """The filesystem and root path of the dataset folder ``url``; DatasetNotFoundError if
+    there is no folder there."""
+    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    if not fs.exists(root) or not fs.isdir(root):
+        raise DatasetNotFoundError(
+            f"Dataset not found: {url!r} is not a folder. Give a folder with one sub-folder of "
+            f"images per class (or train/, val/, test/ folders holding class folders).")
+    return fs, root
+
+
+def check_dataset_options(url: str, *, split: str | Mapping[str, float] | None = None,
+                          per_class_train: int | None = None,
+                          storage_options: Mapping | None = None) -> None:
+    """What ``load_dataset`` would refuse before it scans: a missing folder, a bad split.
+    Cheap (one listing call), so callers run it before starting an engine."""
+    if split is not None and per_class_train is not None:
+        raise InvalidParameterError("Give either a split by fractions or per-class counts, not both.")
+    if split is not None:
+        parse_fractions(split) if isinstance(split, str) else check_fractions(split)
+    dataset_root(url, storage_options)
+
+
 def scan(url: str, *, exclude_classes: Sequence[str] = (),
          storage_options: Mapping | None = None) -> Manifest:
     """List a folder-per-class tree (local path or fsspec URL) into a Manifest.
 
     Raises DatasetNotFoundError when the path is missing or holds no class folder with files.
     """
-    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    if not fs.exists(root) or not fs.isdir(root):
-        raise DatasetNotFoundError(
-            f"Dataset not found: {url!r} is not a folder. Give a folder with one sub-folder of "
-            f"images per class (or train/, val/, test/ folders holding class folders).")
+    fs, root = dataset_root(url, storage_options)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     top = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in fs.ls(root, detail=False)
            if fs.isdir(p)}
@@ -211,8 +230,8 @@ def load_dataset(url: str, *, split: str | Mapping[str, float] | None = None,
     A pre-split tree keeps its own splits unless ``split`` or ``per_class_train`` is given;
     otherwise the default is a 0.7/0.1/0.2 stratified split.
     """
-    if split is not None and per_class_train is not None:
-        raise InvalidParameterError("Give either a split by fractions or per-class counts, not both.")
+    check_dataset_options(url, split=split, per_class_train=per_class_train,
+                          storage_options=storage_options)
     m = scan(url, exclude_classes=exclude_classes, storage_options=storage_options)
     if per_class_train is not None:
         return assign_per_class(m, per_class_train, per_class_val, seed)

@@ -179,3 +179,23 @@ def test_flip_views_average_the_image_and_its_mirror(dataset, featurized, tmp_pa
     got = flip.read_rows(rows)[0]
     np.testing.assert_allclose(got, expected, atol=2e-4)
     assert not np.allclose(got, center.read_rows(rows)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("engine", ["dask", "spark"])
+def test_bad_dataset_options_fail_before_the_engine_starts(engine, tmp_path, monkeypatch):
+    # a mistyped path must not cost a cluster start (seconds on Dask, ~10 s on Spark)
+    import deeptransfer.api as api
+
+    def no_engine(*a, **kw):
+        raise AssertionError("the engine was started before the options were checked")
+
+    monkeypatch.setattr(api, "engine_scope", no_engine)
+    with pytest.raises(DatasetNotFoundError, match="not a folder"):
+        dt.featurize(str(tmp_path / "no-such-folder"), str(tmp_path / "f.zarr"), engine=engine)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InvalidParameterError, match="split"):
+        dt.featurize(str(tmp_path / "data"), str(tmp_path / "f.zarr"), engine=engine,
+                     split="train=0.7,val=0.9")
+    with pytest.raises(InvalidParameterError, match="not both"):
+        dt.featurize(str(tmp_path / "data"), str(tmp_path / "f.zarr"), engine=engine,
+                     split="train=0.7,val=0.3", per_class_train=3)
