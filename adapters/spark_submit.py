@@ -38,26 +38,14 @@ configured (--master, --num-executors, --executor-cores, --conf ...). Example:
 """
 
 
-def _takes_engine(argv: list[str]) -> bool:
-    """Whether the deeptransfer command in ``argv`` has an ``--engine`` option."""
-    import argparse
-
-    from deeptransfer import cli
-
-    parser = cli._parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            sub = action.choices.get(argv[0]) if argv else None
-            return sub is not None and "--engine" in sub._option_string_actions
-    return False
-
-
 def with_spark_engine(argv: list[str]) -> list[str]:
     """``argv`` with ``--engine spark`` added where the command takes an engine and has none."""
     argv = list(argv)
     if any(a == "--engine" or a.startswith("--engine=") for a in argv):
         return argv
-    if _takes_engine(argv):
+    from deeptransfer.cli import ENGINE_COMMANDS
+
+    if argv and argv[0] in ENGINE_COMMANDS:
         argv += ["--engine", "spark"]
     return argv
 

@@ -31,6 +31,10 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+#: the commands that run on an engine (and take --engine, --workers, --scheduler, --master)
+ENGINE_COMMANDS = ("featurize", "train", "evaluate", "demo")
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--engine", default="local",
@@ -75,7 +79,6 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default=None, help="cpu or cuda (default: the engine's)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing store")
     f.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    _add_engine_args(f)
 
     i = sub.add_parser("info", help="describe a feature store")
     i.add_argument("store")
@@ -184,7 +187,6 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     t.add_argument("--json", action="store_true")
-    _add_engine_args(t)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a split of a store")
     e.add_argument("model_dir")
@@ -193,7 +195,6 @@ def _add_train(sub: Any) -> None:
     e.add_argument("--report", default=None, metavar="DIR",
                    help="write metrics.json, report.txt and confusion.png there")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_engine_args(e)
 
     p = sub.add_parser("predict", help="classify image files with a trained model")
     p.add_argument("model_dir")
@@ -209,9 +210,10 @@ def _add_train(sub: Any) -> None:
     d = sub.add_parser("demo", help="the whole recipe on scikit-learn's digits (no network)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--epochs", type=int, default=30)
-    _add_engine_args(d)
 
     sub.add_parser("spark-entry", help="print the script path to give spark-submit")
+    for name in ENGINE_COMMANDS:
+        _add_engine_args(sub.choices[name])
 
 
 _EXTRA_COMMANDS.append(("train", _add_train))

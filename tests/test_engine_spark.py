@@ -295,3 +295,21 @@ def test_spark_submit_runs_featurize_on_its_session(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["engine"] == "spark" and report["featurized"] == 4
+
+
+def test_spark_submit_adds_the_spark_engine_only_where_a_command_takes_one():
+    from deeptransfer.adapters.spark_submit import with_spark_engine
+    from deeptransfer.cli import ENGINE_COMMANDS, _parser
+
+    assert with_spark_engine(["featurize", "in", "out"]) == ["featurize", "in", "out",
+                                                            "--engine", "spark"]
+    assert with_spark_engine(["train", "f.zarr", "m", "--engine=dask"])[-1] == "--engine=dask"
+    assert with_spark_engine(["info", "f.zarr"]) == ["info", "f.zarr"]
+    # the list is the CLI's own: every engine command parses --engine, the others refuse it
+    positional = {"featurize": ["d", "s"], "train": ["s", "m"], "evaluate": ["m", "s"],
+                  "demo": []}
+    assert set(ENGINE_COMMANDS) == set(positional)
+    for cmd, args in positional.items():
+        assert _parser().parse_args([cmd, *args, "--engine", "spark"]).engine == "spark"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["info", "f.zarr", "--engine", "spark"])
