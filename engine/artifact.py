@@ -163,24 +163,24 @@ class TransferModel:
         """backbone + head + softmax as one torch module on preprocessed NCHW input."""
         import torch
 
+        from .featurization import view_features
         from .models import create_backbone
 
         backbone = create_backbone(self.spec)
 
         class Pipeline(torch.nn.Module):
-            def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, flip: bool):
+            def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, views: str):
                 super().__init__()
                 self.backbone = backbone
                 self.head = head
-                self.flip = flip
+                self.views = views
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                f = self.backbone(x)
-                if self.flip:  # the same views the features were made with
-                    f = (f + self.backbone(torch.flip(x, dims=[3]))) * 0.5
+                # the same views the features were made with, computed the same way
+                f = view_features(self.backbone, x, self.views)
                 return torch.softmax(self.head(f), dim=1)
 
-        return Pipeline(backbone, self.head, self.views == "center+flip").eval()
+        return Pipeline(backbone, self.head, self.views).eval()
 
     def export(self, path: str | os.PathLike, *, format: str = "torchscript") -> Path:  # noqa: A002
         """Export the whole pipeline for serving (input: preprocessed NCHW float32 images).

@@ -98,8 +98,9 @@ class _Runner:
             self.buffer = np.zeros(shape, np.float32)
         self.lock = threading.Lock()
 
-    def forward(self, n: int) -> np.ndarray:
-        """Features of the first ``n`` images in the buffer (the rest is padding)."""
+    def forward(self, n: int, views: str = "center") -> np.ndarray:
+        """Features of the first ``n`` images in the buffer (the rest is padding), averaged
+        over ``views`` (see ``view_features``)."""
         import torch
 
         with torch.inference_mode():
@@ -108,9 +109,9 @@ class _Runner:
                 x = self.pinned.permute(0, 3, 1, 2).to(self.device, non_blocking=True)
                 with torch.autocast("cuda", dtype=self.dtype,
                                     enabled=self.dtype != torch.float32):
-                    out = self.module(x)
+                    out = view_features(self.module, x, views)
             else:
-                out = self.module(x)
+                out = view_features(self.module, x, views)
             return out[:n].float().cpu().numpy()
 
 
@@ -139,17 +140,19 @@ def _set_threads(n: int) -> None:
 VIEWS = ("center", "center+flip")
 
 
-def forward_views(runner: "_Runner", n: int, views: str) -> np.ndarray:
-    """Features of the first ``n`` buffered images, averaged over the requested views.
+def view_features(module: Any, x: Any, views: str) -> Any:
+    """The features of an NCHW batch ``x`` averaged over ``views``: the one definition of a
+    view, used by featurize (``_Runner.forward``) and the exported pipeline (artifact.py).
 
     Flipping a center crop left-right is a view the network was trained to see; averaging
     the two feature vectors is the cheapest test-time augmentation (2x the forward cost).
+    The mirror image is made where the batch is (on the GPU under dask-cuda), not copied in.
     """
-    out = runner.forward(n)
+    import torch
+
+    out = module(x)
     if views == "center+flip":
-        buf = runner.buffer
-        buf[:n] = buf[:n, :, ::-1, :].copy()  # NHWC: mirror along the width axis
-        out = (out + runner.forward(n)) * np.float32(0.5)
+        out = (out + module(torch.flip(x, dims=[3]))) * 0.5
     return out
 
 
@@ -239,7 +242,7 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
         for j in failed:
             reasons[rows[j]] = "image could not be resized (degenerate size)"
         t1 = time.perf_counter()
-        out = forward_views(runner, len(images), views)
+        out = runner.forward(len(images), views)
         t.preprocess_seconds += t1 - t0
         t.forward_seconds += time.perf_counter() - t1
         good = [j for j in range(len(images)) if j not in failed]

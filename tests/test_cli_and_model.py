@@ -102,6 +102,41 @@ def test_torchscript_export_matches_the_pipeline(run, tmp_path):
     assert meta["classes"] == m.classes and meta["preprocess"]["crop"] == 224
 
 
+
+def test_exported_pipeline_sees_the_views_predict_sees(run, tmp_path):
+    # a center+flip model exported for serving must average the same two views as
+    # TransferModel.predict (one definition of a view: featurization.view_features)
+    import shutil
+
+    from PIL import Image
+
+    from deeptransfer.kernels import reference_preprocess
+
+    data, _, model = run
+    flip_dir = tmp_path / "flip-model"
+    shutil.copytree(model, flip_dir)
+    cfg = json.loads((flip_dir / "config.json").read_text())
+    cfg["preprocess"]["views"] = "center+flip"
+    (flip_dir / "config.json").write_text(json.dumps(cfg))
+    flip, center = dt.load(str(flip_dir)), dt.load(model)
+    paths = sorted(str(p) for p in data.rglob("*.jpg"))
+    preds = [p for p in flip.predict(paths, top_k=3) if p.error is None][:3]
+    pp = flip.preprocess
+    x = np.stack([reference_preprocess(np.asarray(Image.open(p.path).convert("RGB")),
+                                       resize=pp.resize, crop=pp.crop, mean=pp.mean, std=pp.std)
+                  for p in preds])
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    loaded = torch.jit.load(str(flip.export(tmp_path / "flip.pt")))
+    with torch.inference_mode():
+        served, center_probs = loaded(x).numpy(), center.pipeline_module()(x).numpy()
+    # in log space: the head is confident, so the views move the small probabilities
+    # (predict preprocesses with the numba kernels, this check with PIL: ~1e-3 apart)
+    for i, p in enumerate(preds):
+        for c, prob in p.top_k:
+            assert np.log(served[i, flip.classes.index(c)]) == pytest.approx(np.log(prob), abs=5e-3)
+    assert np.abs(np.log(served) - np.log(center_probs)).max() > 2e-2, \
+        "views must matter for this check"
+
 def test_user_errors_are_one_line_and_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "deeptransfer", "featurize", str(tmp_path / "nope"),
                         str(tmp_path / "s.zarr")], capture_output=True, text=True)
