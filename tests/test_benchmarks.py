@@ -213,6 +213,7 @@ def test_rounds_benchmark_reports_compute_and_overhead(capsys):
     r = out["results"]["local"]
     assert r["compute_ms"] > 0 and r["overhead_ms"] > 0 and r["checkpoint_ms"] > 0
     assert r["driver_ms"] > 0 and r["checkpoint_wait_ms"] >= 0
+    assert r["total_p90_ms"] >= r["total_ms"]
     # the whole gap between round starts beyond compute holds the engine's part
     assert r["total_ms"] > r["overhead_ms"] * 0.5
     (run,) = out["runs"]["local"]
