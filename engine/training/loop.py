@@ -10,14 +10,15 @@ checkpoint, next. After the epoch's rounds, the validation split is scored throu
 kept, and training stops after ``patience`` epochs without improvement.
 
 Everything random is a function of (seed, epoch, round, worker), and the checkpoint written
-after every round (by a background thread, while the next round runs) holds the parameters, the optimizer state, the best head and all counters
-(one safetensors file, written to a temporary name and renamed: no pickle, never half
-written). So a killed run, started again with ``resume=True``, continues at the round after
-the last checkpoint and ends with exactly the head an uninterrupted run ends with.
+after every round (by a background thread, while the next round runs) holds the parameters,
+the optimizer state, the best head and all counters (one safetensors file, written to a
+temporary name and renamed: no pickle, never half written). So a killed run, started again
+with ``resume=True``, continues at the round after the last checkpoint and ends with exactly
+the head an uninterrupted run ends with.
 
 Files in ``out_dir``: ``checkpoint.safetensors``; ``rounds.jsonl`` (one JSON line per round:
-epoch, round, start time, loss, train accuracy, lr, examples, compute seconds of the slowest worker,
-round seconds, overhead = round - compute); ``val_metrics.json`` (the best epoch's
+epoch, round, start time, loss, train accuracy, lr, examples, compute seconds of the slowest
+worker, round seconds, overhead = round - compute); ``val_metrics.json`` (the best epoch's
 validation metrics); ``training.png`` (score vs iteration, see ``plot.py``).
 """
 from __future__ import annotations
@@ -440,7 +441,6 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
                     bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}",
                                     acc=f"{record['train_accuracy']:.3f}", refresh=False)
             writer.flush()  # the epoch's last round is on disk, its callback run
-
 
             # -- end of epoch: validate, keep the best head, maybe stop ----------------------
             entry: dict[str, Any] = {
