@@ -82,8 +82,10 @@ def check_dataset_options(url: str, *, split: str | Mapping[str, float] | None =
     Cheap (one listing call), so callers run it before starting an engine."""
     if split is not None and per_class_train is not None:
         raise InvalidParameterError("Give either a split by fractions or per-class counts, not both.")
-    if split is not None:
-        parse_fractions(split) if isinstance(split, str) else check_fractions(split)
+    if isinstance(split, str):
+        parse_fractions(split)
+    elif split is not None:
+        check_fractions(split)
     dataset_root(url, storage_options)
 
 
