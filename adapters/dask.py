@@ -49,11 +49,12 @@ import logging
 import os
 import pickle
 import shutil
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import dask
-from distributed import Client, Future, KilledWorker, LocalCluster, as_completed
+from distributed import Client, Future, KilledWorker, LocalCluster, Nanny, as_completed
 
 from deeptransfer.executor import BaseExecutor, tree_combine
 from deeptransfer.errors import (EngineUnavailableError, InvalidParameterError, TaskError,
@@ -97,8 +98,8 @@ def _name_key(name: Any) -> tuple[int, Any]:
 def _worker_environ(threads: int, env: Mapping[str, Any] | None) -> dict[str, Any]:
     """Environment for worker processes this engine starts (applied before they exec)."""
     # No NUMBA_NUM_THREADS: a LocalCluster's nannies live in the driver and write these into
-    # its environment again whenever they restart a worker, and numba refuses a thread count
-    # that changes after its pool started. Workers need none: featurize runs the serial
+    # its environment while they (re)start a worker (``_Nanny`` restores it afterwards), and
+    # numba refuses a thread count that changes after its pool started. Workers need none: featurize runs the serial
     # kernel, and each task sets torch's thread count itself.
     out: dict[str, Any] = dict(thread_environ(threads))
     tunables = malloc_environ(env)
@@ -116,6 +117,44 @@ def _http_options(dashboard: bool) -> dict[str, Any]:
     return {"dashboard_address": "127.0.0.1:0", "scheduler_kwargs": {"dashboard": dashboard}}
 
 
+class _Nanny(Nanny):
+    """A Nanny that gives the driver its environment back after it spawns a worker.
+
+    ``Nanny.instantiate`` writes the pre-spawn variables (thread counts, GLIBC_TUNABLES) into
+    its own process's environment before spawning; a LocalCluster's nannies live in the
+    driver, so each restart of a dead worker would leave them in the driver's environment for
+    the rest of its life, and in everything it starts later (a Spark JVM with the workers'
+    malloc settings, subprocesses limited to one thread). Nannies run on the cluster's event
+    loop, possibly several at once: the first to start spawning saves the variables, the last
+    to finish puts them back.
+    """
+
+    _lock = threading.Lock()
+    _active = 0
+    _saved: dict[str, str | None] = {}
+
+    async def instantiate(self) -> Any:
+        cls = _Nanny
+        with cls._lock:
+            if cls._active == 0:
+                cls._saved = {}
+            # and the marker Dask sets for its children's process titles
+            for k in [*self.pre_spawn_env, "__DASK_PARENT_PID"]:
+                cls._saved.setdefault(k, os.environ.get(k))
+            cls._active += 1
+        try:
+            return await super().instantiate()
+        finally:
+            with cls._lock:
+                cls._active -= 1
+                if cls._active == 0:
+                    for k, v in cls._saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+
+
 def _start_cluster(factory: Callable[..., Any], worker_env: Mapping[str, Any],
                    profile: bool, **kwargs: Any) -> Any:
     """Start a (CUDA) LocalCluster whose nannies spawn workers with ``worker_env``.
@@ -123,8 +162,8 @@ def _start_cluster(factory: Callable[..., Any], worker_env: Mapping[str, Any],
     glibc reads GLIBC_TUNABLES when a process starts, so the variables must be in the
     environment the nanny spawns with: ``distributed.nanny.pre-spawn-environ``. The nanny
     sets those in its own process's environment first (here: the driver); that is undone
-    once the workers are up, so the driver keeps its thread counts. A nanny that restarts a
-    dead worker later sets them again.
+    once the workers are up, so the driver keeps its thread counts, and ``_Nanny`` undoes it
+    again after each restart of a dead worker.
 
     ``profile``: Dask's statistical profiler in the workers. It samples every thread's stack
     every 10 ms under the GIL, which took 4% of each worker's CPU from the forward pass here
@@ -233,7 +272,8 @@ class DaskExecutor(BaseExecutor):
         n = n_workers if n_workers is not None else max(1, (os.cpu_count() or 1) // threads)
         worker_env = _worker_environ(threads, env)
         cluster = _start_cluster(
-            LocalCluster, worker_env, self.profile, n_workers=n, threads_per_worker=threads, processes=True,
+            LocalCluster, worker_env, self.profile, n_workers=n, threads_per_worker=threads,
+            processes=True, worker_class=_Nanny,
             host="127.0.0.1", silence_logs=logging.ERROR, **_http_options(dashboard),
             # also set after start-up, so an explicit env= wins over the driver's environment
             env={k: v for k, v in worker_env.items() if v is not None and k in (env or {})})

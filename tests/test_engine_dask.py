@@ -243,6 +243,32 @@ def test_own_cluster_moves_data_without_the_scheduler():
     assert relayed == [], relayed
     assert both == ["scatter", "gather"], "the spy did not see a relay it should have"
 
+
+def test_a_restarted_worker_leaves_the_driver_environment_as_it_was():
+    # the nannies of a LocalCluster live in the driver and set the workers' variables in
+    # its environment to spawn them; after a restart they must be put back, or the driver
+    # (and all it starts later) keeps OMP_NUM_THREADS=1, the workers' malloc settings...
+    driver_env = dict(os.environ)
+    with DaskExecutor(1, dashboard=False, env={"DEEPTRANSFER_TEST_VAR": "x"}) as ex:
+        (pid,) = ex.worker_pids()
+        assert dict(os.environ) == driver_env
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                pids = ex.worker_pids()
+            except OSError:  # the scheduler still lists the dead worker
+                pids = []
+            if pids and pids[0] != pid:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the nanny did not restart the killed worker within 60 s")
+        (env,) = ex.client.run(_worker_env).values()
+        assert env["initial"].get("DEEPTRANSFER_TEST_VAR") == "x"  # the new worker has it
+        assert dict(os.environ) == driver_env, \
+            {k: os.environ.get(k) for k in set(os.environ) ^ set(driver_env)}
+
 def test_lost_shared_value_is_scattered_again(tmp_path):
     # one worker: the only copy of the scattered value dies with it
     big = np.ones(100_000, dtype=np.float32)
