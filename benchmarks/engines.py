@@ -560,7 +560,7 @@ def run_child(spec: dict[str, Any], work: str, log: Any, timeout: float) -> dict
             and not env.get("DT_BENCH_NO_TUNABLES"):
         env["GLIBC_TUNABLES"] = TUNABLES  # the limit is measured as featurize.py measures it
     t0 = time.perf_counter()
-    proc = _run_group([sys.executable, os.path.abspath(__file__), "--_child", path], env, timeout)
+    proc = run_group([sys.executable, os.path.abspath(__file__), "--_child", path], env, timeout)
     log.write(f"===== {spec['kind']} {spec.get('engine', '')} {spec.get('label', '')} "
               f"rc={proc.returncode} {time.perf_counter() - t0:.1f}s\n{proc.stderr}\n")
     log.flush()
@@ -574,7 +574,7 @@ def run_child(spec: dict[str, Any], work: str, log: Any, timeout: float) -> dict
     return out
 
 
-def _run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; on timeout kill the whole group (the engine's
     workers, nannies, the Spark JVM), not just the child, then raise TimeoutExpired."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -23,7 +23,9 @@ median per-round figures of each run's rounds:
   next round does, so it is in "total" only through the wait and the CPU it takes).
 
 Rounds of the first epoch (shards loaded) and each epoch's last round (followed by
-validation) are left out. Engine start-up is not in any figure.
+validation) are left out. Engine start-up is not in any figure. Each run is a fresh Python
+process, so no run shares its driver with an earlier engine's leftovers (Spark's JVM stays
+up for the life of the process that started it).
 """
 from __future__ import annotations
 
@@ -104,7 +106,24 @@ def one_run(engine: str, store: str, epochs: int, workers: int) -> dict:
             "checkpoint_wait_ms": med(lambda a, b: a["checkpoint_wait_seconds"])}
 
 
+def run_child(engine: str, store: str, epochs: int, workers: int, timeout: float = 900) -> dict:
+    """``one_run`` in a fresh Python process (its process group is killed on timeout)."""
+    from engines import run_group
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--_run", engine, store, str(epochs),
+           str(workers)]
+    proc = run_group(cmd, dict(os.environ), timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rounds.py run on {engine} failed (rc={proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> dict:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_run":  # a child: one run
+        engine, store, epochs, workers = sys.argv[2:6]
+        print(json.dumps(one_run(engine, store, int(epochs), int(workers))))
+        return {}
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--classes", type=int, default=257)
@@ -124,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for rep in range(args.repeats):
             for e in engines:
-                r = one_run(e, store, args.epochs, args.workers)
+                r = run_child(e, store, args.epochs, args.workers)
                 runs[e].append(r)
                 print(f"[{rep + 1}/{args.repeats}] {e:6s} round compute {r['compute_ms']:6.1f} "
                       f"ms, beyond it {r['total_ms']:6.1f} ms (p90 {r['total_p90_ms']:.1f}; engine {r['overhead_ms']:.1f} + "

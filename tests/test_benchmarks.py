@@ -231,7 +231,7 @@ def test_a_timed_out_benchmark_child_takes_its_whole_process_group_with_it(tmp_p
             "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
             f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)")
     with pytest.raises(subprocess.TimeoutExpired):
-        engines._run_group([sys.executable, "-c", code], dict(os.environ), timeout=3)
+        engines.run_group([sys.executable, "-c", code], dict(os.environ), timeout=3)
     grandchild = int(pidfile.read_text())
     deadline = time.time() + 5
     while time.time() < deadline and os.path.exists(f"/proc/{grandchild}") and \
