@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import dask
 from distributed import Client, Future, KilledWorker, LocalCluster, Nanny, as_completed
 
+from deeptransfer.diagnostics import warm_up
 from deeptransfer.executor import BaseExecutor, tree_combine
 from deeptransfer.errors import (EngineUnavailableError, InvalidParameterError, TaskError,
                                  check_int)
@@ -186,7 +187,8 @@ class DaskExecutor(BaseExecutor):
     random loopback port (``dashboard=False``: none), the workers' malloc settings
     (``deeptransfer.workerenv``), ``threads_per_worker`` OpenMP/torch threads per worker and
     Dask's statistical profiler off (``profile=True``: on); ``env`` adds environment
-    variables for those processes. It is closed by ``close()``.
+    variables for those processes. Its workers import torch and the core right away, while
+    the caller plans its first job. It is closed by ``close()``.
 
     With ``address`` ("tcp://host:8786") or a ``Client``: use that deployment as it is; if
     ``n_workers`` is given, wait until that many workers have joined. A Client you pass is
@@ -264,6 +266,12 @@ class DaskExecutor(BaseExecutor):
             # training shard per worker), and a worker that is restarting must not change that
             self._n_workers = n_workers or len(self._client.nthreads())
         self.dashboard_link: str | None = self._dashboard_link() if dashboard else None
+        if self._cluster is not None:
+            # like the local engine's workers: import torch and the core now, while the
+            # caller plans its first job (scans the dataset, opens the store). Held like a
+            # job's futures; the first job releases them (a warm-up still queued is dropped).
+            self._held = [self._client.submit(warm_up, k, None, pure=False, workers=[w])
+                          for k, w in enumerate(self._slots())]
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _start(self, n_workers: int | None, threads: int, dashboard: bool,

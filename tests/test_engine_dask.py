@@ -214,6 +214,22 @@ def test_own_cluster_worker_environment():
 
 
 
+
+# asked with a builtin: a function of this module would make the worker import this module
+# (and with it torch and the core), whatever the engine did
+_HAS_CORE = "'torch' in __import__('sys').modules and " \
+            "'deeptransfer.featurization' in __import__('sys').modules"
+
+
+def test_own_cluster_workers_import_the_core_before_the_first_job():
+    # as the local engine's workers do: the import overlaps the driver's planning
+    with DaskExecutor(1, dashboard=False) as ex:
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(ex.client.run(eval, _HAS_CORE).values()):
+            time.sleep(0.1)
+        assert all(ex.client.run(eval, _HAS_CORE).values())
+        assert dict(ex.map_unordered(probe, [5]))[0]["value"] == 5  # releases the warm-up
+
 def _spy_on_relays(dask_scheduler):
     """Count the scheduler's scatter/gather requests (data relayed through the scheduler)."""
     dask_scheduler.dt_relayed = []
