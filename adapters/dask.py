@@ -60,7 +60,8 @@ from deeptransfer.diagnostics import warm_up
 from deeptransfer.executor import BaseExecutor, tree_combine
 from deeptransfer.errors import (EngineUnavailableError, InvalidParameterError, TaskError,
                                  check_int)
-from deeptransfer.workerenv import ENV_LOCK, malloc_environ, preserved_environ, thread_environ
+from deeptransfer.workerenv import (ENV_LOCK, malloc_environ, preserved_environ, restore_environ,
+                                    thread_environ)
 
 #: ``shared`` values whose pickle, times the number of tasks, stays under this many bytes go
 #: inline with every task (cheapest); larger ones are scattered to the workers once per job.
@@ -100,8 +101,8 @@ def _worker_environ(threads: int, env: Mapping[str, Any] | None) -> dict[str, An
     """Environment for worker processes this engine starts (applied before they exec)."""
     # No NUMBA_NUM_THREADS: a LocalCluster's nannies live in the driver and write these into
     # its environment while they (re)start a worker (``_Nanny`` restores it afterwards), and
-    # numba refuses a thread count that changes after its pool started. Workers need none: featurize runs the serial
-    # kernel, and each task sets torch's thread count itself.
+    # numba refuses a thread count that changes after its pool started. Workers need none:
+    # featurize runs the serial kernel, and each task sets torch's thread count itself.
     out: dict[str, Any] = dict(thread_environ(threads))
     tunables = malloc_environ(env)
     if tunables:
@@ -149,11 +150,7 @@ class _Nanny(Nanny):
             with cls._lock:
                 cls._active -= 1
                 if cls._active == 0:
-                    for k, v in cls._saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
+                    restore_environ(cls._saved)
 
 
 def _start_cluster(factory: Callable[..., Any], worker_env: Mapping[str, Any],
@@ -457,7 +454,7 @@ class DaskExecutor(BaseExecutor):
         del previous
         losses = [0] * len(tasks)
         pending = set(range(len(tasks)))
-        moved: set[int] = set()  # pinned tasks resubmitted without their pin (see _watch)
+        moved: set[int] = set()  # pinned tasks resubmitted without their pin (_orphaned)
         try:
             while pending:
                 item = _next_within(ac, WATCH_S)

@@ -233,9 +233,9 @@ def _read_model(model_dir: str) -> dict:
     """The files of a saved model, checked by loading it here, on the driver."""
     import os
 
-    import deeptransfer
-
     import hashlib
+
+    import deeptransfer
 
     model = deeptransfer.load(model_dir)  # a bad directory fails now, with its reason
     files = {}

@@ -29,7 +29,6 @@ import numpy as np
 from deeptransfer.workerenv import MALLOC_TUNABLES as TUNABLES
 
 
-
 def _reexec_with_tunables() -> None:
     # glibc reads GLIBC_TUNABLES at start-up only: the forward limit is measured with the same
     # allocator settings the local engine gives its workers.

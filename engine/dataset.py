@@ -80,13 +80,17 @@ def check_dataset_options(url: str, *, split: str | Mapping[str, float] | None =
                           storage_options: Mapping | None = None) -> None:
     """What ``load_dataset`` would refuse before it scans: a missing folder, a bad split.
     Cheap (one listing call), so callers run it before starting an engine."""
+    _check_split(split, per_class_train)
+    dataset_root(url, storage_options)
+
+
+def _check_split(split: str | Mapping[str, float] | None, per_class_train: int | None) -> None:
     if split is not None and per_class_train is not None:
         raise InvalidParameterError("Give either a split by fractions or per-class counts, not both.")
     if isinstance(split, str):
         parse_fractions(split)
     elif split is not None:
         check_fractions(split)
-    dataset_root(url, storage_options)
 
 
 def scan(url: str, *, exclude_classes: Sequence[str] = (),
@@ -232,8 +236,7 @@ def load_dataset(url: str, *, split: str | Mapping[str, float] | None = None,
     A pre-split tree keeps its own splits unless ``split`` or ``per_class_train`` is given;
     otherwise the default is a 0.7/0.1/0.2 stratified split.
     """
-    check_dataset_options(url, split=split, per_class_train=per_class_train,
-                          storage_options=storage_options)
+    _check_split(split, per_class_train)  # before the scan, which may take a while
     m = scan(url, exclude_classes=exclude_classes, storage_options=storage_options)
     if per_class_train is not None:
         return assign_per_class(m, per_class_train, per_class_val, seed)

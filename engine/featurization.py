@@ -270,6 +270,7 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
         if images:
             flush()
     for r in np.flatnonzero(~np.isfinite(feats).all(axis=1)):
+        feats[r] = 0.0
         if not reasons[r]:
             reasons[r] = "non-finite features"
     return feats, reasons
@@ -286,7 +287,6 @@ def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
     feats, reasons = featurize_sources(runner, paths, views=spec.views,
                                        storage_options=spec.options, timings=res)
     ok = np.array([not r for r in reasons], dtype=bool)
-    feats[~ok] = 0.0
     store.write_chunk(chunk, feats, ok, reasons)
     res.n_ok = int(ok.sum())
     res.skipped = [(paths[r], reasons[r]) for r in range(len(paths)) if not ok[r]]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 #: held while this process's environment is changed for child processes to inherit (local
 #: workers, a LocalCluster's nannies, Spark's JVM), so two engines starting at once in one
@@ -23,11 +23,17 @@ def preserved_environ(keys: Iterable[str]) -> Iterator[None]:
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)
+
+
+def restore_environ(saved: Mapping[str, str | None]) -> None:
+    """Set these environment variables back to the saved values (None: absent)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
 
 #: glibc malloc settings for worker processes (glibc reads them at process start only).
 #:

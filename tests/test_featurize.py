@@ -199,3 +199,26 @@ def test_bad_dataset_options_fail_before_the_engine_starts(engine, tmp_path, mon
     with pytest.raises(InvalidParameterError, match="not both"):
         dt.featurize(str(tmp_path / "data"), str(tmp_path / "f.zarr"), engine=engine,
                      split="train=0.7,val=0.3", per_class_train=3)
+
+
+def test_non_finite_features_are_a_reason_and_a_zero_row(dataset, monkeypatch):
+    # every caller (featurize, predict, Spark ML) gets the same answer for a row whose
+    # network output is not finite: a reason, and no NaN left in the row
+    from deeptransfer.featurization import FeaturizeSpec, featurize_sources, get_runner
+
+    root, _ = dataset
+    paths = sorted(str(p) for p in __import__("pathlib").Path(root).rglob("*.jpg"))[:3]
+    runner = get_runner(FeaturizeSpec(store_url="", model=ModelSpec("efficientnet_lite0"),
+                                      batch_size=4))
+    real = runner.forward
+
+    def poisoned(n, views="center"):
+        out = real(n, views)
+        out[1, 5] = np.nan
+        return out
+
+    monkeypatch.setattr(runner, "forward", poisoned)
+    feats, reasons = featurize_sources(runner, paths)
+    good = [i for i in range(len(paths)) if i != 1 and not reasons[i]]
+    assert reasons[1] == "non-finite features" and not feats[1].any()
+    assert good and np.isfinite(feats).all() and all(feats[i].any() for i in good)
