@@ -234,9 +234,15 @@ def test_a_timed_out_benchmark_child_takes_its_whole_process_group_with_it(tmp_p
         engines.run_group([sys.executable, "-c", code], dict(os.environ), timeout=3)
     grandchild = int(pidfile.read_text())
     deadline = time.time() + 5
-    while time.time() < deadline and os.path.exists(f"/proc/{grandchild}") and \
-            not open(f"/proc/{grandchild}/stat").read().split()[2] == "Z":
+    while time.time() < deadline and _running(grandchild):
         time.sleep(0.05)
-    alive = os.path.exists(f"/proc/{grandchild}") and \
-        open(f"/proc/{grandchild}/stat").read().split()[2] != "Z"
-    assert not alive, "the grandchild outlived the timed-out benchmark child"
+    assert not _running(grandchild), "the grandchild outlived the timed-out benchmark child"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

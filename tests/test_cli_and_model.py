@@ -106,19 +106,14 @@ def test_torchscript_export_matches_the_pipeline(run, tmp_path):
 def test_exported_pipeline_sees_the_views_predict_sees(run, tmp_path):
     # a center+flip model exported for serving must average the same two views as
     # TransferModel.predict (one definition of a view: featurization.view_features)
-    import shutil
-
     from PIL import Image
 
     from deeptransfer.kernels import reference_preprocess
+    from model_dirs import copy_with_views
 
     data, _, model = run
-    flip_dir = tmp_path / "flip-model"
-    shutil.copytree(model, flip_dir)
-    cfg = json.loads((flip_dir / "config.json").read_text())
-    cfg["preprocess"]["views"] = "center+flip"
-    (flip_dir / "config.json").write_text(json.dumps(cfg))
-    flip, center = dt.load(str(flip_dir)), dt.load(model)
+    flip = dt.load(copy_with_views(model, tmp_path / "flip-model", "center+flip"))
+    center = dt.load(model)
     paths = sorted(str(p) for p in data.rglob("*.jpg"))
     preds = [p for p in flip.predict(paths, top_k=3) if p.error is None][:3]
     pp = flip.preprocess

@@ -202,16 +202,10 @@ def test_predictor_gives_the_saved_models_predictions(spark, photos, model_dir):
 def test_predictor_uses_the_views_the_model_was_trained_with(spark, photos, model_dir,
                                                              tmp_path):
     # a model of center+flip features must see center+flip features in Spark too
-    import json
-    import shutil
-
     import deeptransfer as dt
+    from model_dirs import copy_with_views
 
-    flip_dir = tmp_path / "flip-model"
-    shutil.copytree(model_dir, flip_dir)
-    cfg = json.loads((flip_dir / "config.json").read_text())
-    cfg["preprocess"]["views"] = "center+flip"
-    (flip_dir / "config.json").write_text(json.dumps(cfg))
+    flip_dir = copy_with_views(model_dir, tmp_path / "flip-model", "center+flip")
     root, _, _ = photos
     paths = sorted(str(p) for p in root.rglob("*.jpg"))
     want = {p.path: p.score for p in dt.load(str(flip_dir)).predict(paths)}
