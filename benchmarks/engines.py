@@ -1056,7 +1056,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = {"manifest": man_path, "model": args.model, "batch_size": args.batch_size,
             "chunk_rows": args.chunk_rows, "epochs": epochs, "seed": args.seed,
             "workers": args.workers, "images": n, "data_dir": data_dir,
-            "forward_seconds": 1.5 if args.quick else 4.0}
+            "forward_seconds": 0.5 if args.quick else 4.0}
     log = open(os.path.join(args.out, "runs.log"), "w", encoding="utf-8")
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else \
         (lambda *a: print(*a, flush=True))
