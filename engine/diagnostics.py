@@ -13,7 +13,8 @@ from typing import Any, Mapping
 def probe(task: Any, shared: Any) -> dict[str, Any]:
     """Echo a task with the worker's pid; ``task`` may ask to sleep, fail or die.
 
-    ``task`` is an int or a mapping with keys ``value``, ``sleep`` (seconds), ``fail``
+    ``task`` is an int or a mapping with keys ``value``, ``sleep`` (seconds), ``wait_for`` (a
+    path: wait until that file exists, so a test can order events without timing), ``fail``
     (raise ValueError), ``die`` (every attempt kills its worker process), ``die_once`` (a
     marker-file path: the first attempt kills its worker process without cleanup, later
     attempts succeed).
@@ -21,6 +22,9 @@ def probe(task: Any, shared: Any) -> dict[str, Any]:
     t: Mapping[str, Any] = task if isinstance(task, Mapping) else {"value": task}
     if t.get("sleep"):
         time.sleep(float(t["sleep"]))
+    if t.get("wait_for"):
+        while not os.path.exists(t["wait_for"]):
+            time.sleep(0.01)
     if t.get("die"):
         os._exit(17)  # every attempt: the engine must give up with a TaskError
     marker = t.get("die_once")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import pickle
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -288,10 +287,10 @@ def test_truncated_png_and_gif():
 
 
 def test_decompression_bomb_png_header_is_refused_before_decoding():
-    t = time.perf_counter()
+    # the header is followed by 64 zero bytes, not image data: a decoder that got past the
+    # header would fail as a truncated PNG, so the bomb reason shows it stopped at the header
     err = _raises(_png_header(30000, 30000) + b"\x00" * 64, "decompression bomb")
     assert "30000x30000" in err.reason and "900 Mpx" in err.reason and "89 Mpx" in err.reason
-    assert time.perf_counter() - t < 1.0
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP"])

@@ -41,7 +41,7 @@ LOOPBACK_HTTP = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
 class Deployment:
     """`dask scheduler` + `dask worker` processes on 127.0.0.1, always torn down."""
 
-    def __init__(self, tmp: Path, n_workers: int = 2, timeout: float = 60.0):
+    def __init__(self, tmp: Path, n_workers: int = 2, timeout: float = 600.0):  # a hang bound
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         self.scheduler_file = tmp / "scheduler.json"
@@ -224,7 +224,7 @@ _HAS_CORE = "'torch' in __import__('sys').modules and " \
 def test_own_cluster_workers_import_the_core_before_the_first_job():
     # as the local engine's workers do: the import overlaps the driver's planning
     with DaskExecutor(1, dashboard=False) as ex:
-        deadline = time.time() + 60
+        deadline = time.time() + 600  # a hang bound, not a speed limit
         while time.time() < deadline and not all(ex.client.run(eval, _HAS_CORE).values()):
             time.sleep(0.1)
         assert all(ex.client.run(eval, _HAS_CORE).values())
@@ -269,7 +269,7 @@ def test_a_restarted_worker_leaves_the_driver_environment_as_it_was():
         (pid,) = ex.worker_pids()
         assert dict(os.environ) == driver_env
         os.kill(pid, signal.SIGKILL)
-        deadline = time.time() + 60
+        deadline = time.time() + 600  # a hang bound, not a speed limit
         while time.time() < deadline:
             try:
                 pids = ex.worker_pids()
@@ -279,7 +279,7 @@ def test_a_restarted_worker_leaves_the_driver_environment_as_it_was():
                 break
             time.sleep(0.2)
         else:
-            pytest.fail("the nanny did not restart the killed worker within 60 s")
+            pytest.fail("the nanny did not restart the killed worker within 600 s")
         (env,) = ex.client.run(_worker_env).values()
         assert env["initial"].get("DEEPTRANSFER_TEST_VAR") == "x"  # the new worker has it
         assert dict(os.environ) == driver_env, \
@@ -421,7 +421,6 @@ from engine_job_checks import (  # noqa: E402
     test_worker_killed_during_training_changes_nothing as _killed_during_training)
 
 
-@pytest.mark.timeout(150)
 def test_worker_killed_during_training_changes_nothing(local_store, local_head, tmp_path):
     # on its own cluster: its nanny may or may not restart the killed worker, and the
     # shared clusters of the other checks must not depend on which (a task pinned to the

@@ -90,7 +90,7 @@ def _jvms_started_here() -> list[int]:
     return jvms
 
 
-def _assert_gone(pids: list[int], timeout: float = 20.0) -> None:
+def _assert_gone(pids: list[int], timeout: float = 300.0) -> None:  # a hang bound
     import time
 
     deadline = time.monotonic() + timeout
@@ -132,19 +132,17 @@ def test_affinity_pins_tasks_to_workers(executor):
         assert rounds[1] == rounds[2] == rounds[0], "a slot moved to another executor"
 
 
-def test_map_unordered_yields_while_the_job_runs(executor):
-    """The first result arrives before the slowest task has finished (progress bars)."""
-    import time
-
-    tasks = [{"value": 0}, {"value": 1, "sleep": 4.0}]
-    it = executor.map_unordered(probe, tasks)
-    t0 = time.perf_counter()
+def test_map_unordered_yields_while_the_job_runs(executor, tmp_path):
+    """The first result arrives before the slowest task has finished (progress bars): the
+    second task waits until the test has seen the first result, so a job that yields only at
+    its end never finishes (pytest-timeout) -- an order of events, not a race against a clock."""
+    go = tmp_path / "go"
+    it = executor.map_unordered(probe, [{"value": 0}, {"value": 1, "wait_for": str(go)}])
     i, first = next(it)
-    t_first = time.perf_counter() - t0
+    assert first["value"] == 0
+    go.write_text("")
     rest = list(it)
-    t_all = time.perf_counter() - t0
-    assert first["value"] == 0 and [r["value"] for _, r in rest] == [1]
-    assert t_all - t_first > 2.0, f"first result at {t_first:.1f} s, all at {t_all:.1f} s"
+    assert [r["value"] for _, r in rest] == [1]
 
 
 def test_abandoned_iterator_cancels_the_job(executor):
@@ -264,7 +262,7 @@ def test_spark_submit_entry_script_is_standalone():
     src = open(spark_submit.__file__).read()
     assert "from deeptransfer" in src and "__main__" in src
     out = subprocess.run([sys.executable, spark_submit.__file__, "--help"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True)
     assert out.returncode == 0 and "spark-submit" in out.stdout
 
 
@@ -291,7 +289,7 @@ def test_spark_submit_runs_featurize_on_its_session(tmp_path):
     cmd = [os.path.join(_find_spark_home(), "bin", "spark-submit"), "--master", "local[1]",
            "--conf", "spark.ui.enabled=false", entry,
            "featurize", str(tmp_path / "photos"), str(store), "--chunk-rows", "2", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["engine"] == "spark" and report["featurized"] == 4
