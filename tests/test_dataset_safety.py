@@ -199,6 +199,28 @@ def test_an_unreadable_class_folder_is_warned_about_once(tmp_path, monkeypatch):
     assert m.warnings == ["could not list 'b': permission denied; its images are left out"]
 
 
+def test_an_unlistable_folder_on_an_fsspec_filesystem_is_warned_about(monkeypatch):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for rel in ("a/1.jpg", "a/denied/2.jpg", "b/1.jpg"):
+        fs.pipe(f"/unlistable/{rel}", b"x")
+    real_ls = type(fs).ls
+
+    def ls(self, path, detail=True, **kw):
+        if path.rstrip("/").endswith("/a/denied"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_ls(self, path, detail=detail, **kw)
+
+    monkeypatch.setattr(type(fs), "ls", ls)
+    try:
+        m = scan("memory://unlistable")
+    finally:
+        fs.rm("/unlistable", recursive=True)
+    assert [p.split("unlistable/", 1)[1] for p in m.paths] == ["a/1.jpg", "b/1.jpg"]
+    assert m.warnings == ["could not list 'a/denied': permission denied; its images are left out"]
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
                     reason="root reads a chmod 000 folder anyway (the tests above simulate it)")
 def test_a_chmod_000_folder_is_warned_about(tmp_path):
