@@ -15,8 +15,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .dataset import Manifest
-from .errors import StoreError, check_choice, check_int
+from .errors import DeeptransferError, StoreError, check_choice, check_int
 from .executor import Executor
+from .fs import DEFAULT_MAX_IMAGE_BYTES, FileRefusedError, read_local, read_url
 from .store import cached_store, create_store, forget_cached_stores
 
 
@@ -36,6 +37,7 @@ class FeaturizeSpec:
     # the same images give the same store on every engine.
     threads: int = 1
     views: str = "center"  # "center", or "center+flip": mean features of the image and its mirror
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # a larger file is skipped, never read
 
     @property
     def options(self) -> dict[str, Any]:
@@ -156,29 +158,36 @@ def view_features(module: Any, x: Any, views: str) -> Any:
     return out
 
 
-def read_bytes(path: str, storage_options: Mapping | None = None) -> bytes:
-    """The bytes of one file, local or any fsspec URL."""
+def read_bytes(path: str, storage_options: Mapping | None = None, *,
+               max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of one regular file, local or any fsspec URL, at most ``max_bytes`` long;
+    anything else raises FileRefusedError (an OSError) with its reason (see deeptransfer.fs)."""
     if "://" not in path or path.startswith("file://"):
-        with open(path.removeprefix("file://"), "rb") as f:
-            return f.read()
-    import fsspec
-
-    with fsspec.open(path, "rb", **dict(storage_options or {})) as f:
-        return f.read()
+        return read_local(path.removeprefix("file://"), max_bytes)
+    return read_url(path, storage_options, max_bytes)
 
 
 def load_image(path: str, target_short_side: int,
-               storage_options: Mapping | None = None) -> np.ndarray:
+               storage_options: Mapping | None = None, *,
+               max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
     """Read and decode one image; raises ImageDecodeError or OSError with a reason."""
     from .kernels import decode_image
 
-    return decode_image(read_bytes(path, storage_options), target_short_side=target_short_side)
+    return decode_image(read_bytes(path, storage_options, max_bytes=max_bytes),
+                        target_short_side=target_short_side)
 
 
 def _reason(exc: BaseException) -> str:
+    """Why a source has no features, in a few words, as UTF-8 text (it is stored in Zarr and
+    printed: a message quoting a path that is not UTF-8 has its odd bytes escaped)."""
+    text = _reason_text(exc)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _reason_text(exc: BaseException) -> str:
     from .kernels import ImageDecodeError
 
-    if isinstance(exc, ImageDecodeError):
+    if isinstance(exc, (ImageDecodeError, FileRefusedError)):
         return exc.reason
     if isinstance(exc, PermissionError):
         return "unreadable file: permission denied"
@@ -186,6 +195,8 @@ def _reason(exc: BaseException) -> str:
         return "file not found (removed after the scan?)"
     if isinstance(exc, IsADirectoryError):
         return "is a directory"
+    if isinstance(exc, DeeptransferError):  # e.g. an fsspec backend missing on this worker
+        return str(exc)
     if isinstance(exc, OSError):
         return f"unreadable file: {exc.strerror or exc}"
     return f"{exc.__class__.__name__}: {exc}"
@@ -217,7 +228,9 @@ def preprocess_batch(runner: _Runner, images: list[np.ndarray]) -> list[int]:
 
 def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "center",
                       storage_options: Mapping | None = None,
-                      timings: "ChunkResult | None" = None) -> tuple[np.ndarray, list[str]]:
+                      timings: "ChunkResult | None" = None,
+                      max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                      ) -> tuple[np.ndarray, list[str]]:
     """Features of each image source, and for each the reason it has none ("" if it has).
 
     The one read -> batch -> preprocess -> forward loop, used by ``featurize_chunk``,
@@ -225,7 +238,8 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
     or the encoded bytes of an image (bytes-like); None is skipped with a reason. Images go
     through the runner's buffer ``runner.batch_size`` at a time; an unreadable or
     undecodable file, a degenerate image or non-finite features get a reason and a zero row,
-    never a failed batch. ``timings`` accumulates read, preprocess and forward seconds.
+    never a failed batch; only regular files of at most ``max_image_bytes`` are read.
+    ``timings`` accumulates read, preprocess and forward seconds.
     """
     from .kernels import decode_image
 
@@ -260,7 +274,8 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
                 if isinstance(src, (bytes, bytearray, memoryview)):
                     images.append(decode_image(bytes(src), target_short_side=side))
                 else:
-                    images.append(load_image(str(src), side, storage_options))
+                    images.append(load_image(str(src), side, storage_options,
+                                             max_bytes=max_image_bytes))
                 rows.append(r)
             except Exception as exc:  # noqa: BLE001 - every bad file is skipped with its reason
                 reasons[r] = _reason(exc)
@@ -285,7 +300,8 @@ def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
     paths = store.chunk_paths(chunk)
     res = ChunkResult(chunk=chunk, n_ok=0)
     feats, reasons = featurize_sources(runner, paths, views=spec.views,
-                                       storage_options=spec.options, timings=res)
+                                       storage_options=spec.options, timings=res,
+                                       max_image_bytes=spec.max_image_bytes)
     ok = np.array([not r for r in reasons], dtype=bool)
     store.write_chunk(chunk, feats, ok, reasons)
     res.n_ok = int(ok.sum())

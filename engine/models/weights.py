@@ -65,8 +65,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     is_st = path.split("?")[0].lower().endswith(".safetensors")
     try:
         if _is_url(path):
-            import fsspec
-            with fsspec.open(path, "rb") as f:
+            from ..fs import url_to_fs  # a missing s3fs/gcsfs: one line naming the extra
+            fs, fs_path = url_to_fs(path)
+            with fs.open(fs_path, "rb") as f:
                 data = f.read()
             if is_st:
                 from safetensors.torch import load as st_load
