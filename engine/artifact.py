@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import DeeptransferError, InvalidParameterError, StoreError, check_int
-from .files import atomic_write
+from .files import atomic_write, make_dirs
 from .modeldir import CONFIG, HEAD, MODEL_FORMAT as FORMAT
 
 
@@ -33,7 +33,7 @@ def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray]
     from safetensors.numpy import save
 
     d = Path(model_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    make_dirs(d)
     # safetensors' own save_file writes 0600; the bytes go through our writer instead
     atomic_write(d / HEAD, save({k: np.ascontiguousarray(v, dtype=np.float32)
                                  for k, v in params.items()}, metadata={"format": FORMAT}))
@@ -147,7 +147,7 @@ class TransferModel:
             raise _damaged(head_path, "is missing") from None
         except KeyError as exc:
             raise _damaged(head_path, f"has no tensor {exc.args[0]!r}") from None
-        except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError, torch's shape errors
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, torch's shape errors
             raise _damaged(head_path, f"cannot be loaded ({type(exc).__name__}: "
                                       f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 

@@ -1,4 +1,4 @@
-"""Writing files safely: atomically, with the user's umask, and one clear line when the disk is full.
+"""Writing files safely: atomically, with the user's umask, one clear line when the disk is full.
 
 Every file the model-directory and training code writes goes through here:
 
@@ -97,6 +97,17 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             _write_all(fd, raw)
         finally:
             os.close(fd)
+
+
+def make_dirs(path: str | os.PathLike) -> None:
+    """``os.makedirs(path, exist_ok=True)``; a full disk is the StoreError naming ``path``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        full = disk_full_error(exc, path)
+        if full is not None:
+            raise full from exc
+        raise
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

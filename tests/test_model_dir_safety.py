@@ -37,7 +37,8 @@ def model_store(path, *, n_train=96, n_val=32, n_test=32, n_classes=3, dim=8, se
     labels = rng.integers(0, n_classes, n).astype(np.int32)
     split = np.array([0] * n_train + [1] * n_val + [2] * n_test, dtype=np.int8)
     rng.shuffle(split)
-    x = (rng.normal(0, 2.0, (n_classes, dim))[labels] + rng.normal(0, 1, (n, dim))).astype(np.float32)
+    centers = rng.normal(0, 2.0, (n_classes, dim))
+    x = (centers[labels] + rng.normal(0, 1, (n, dim))).astype(np.float32)
     m = Manifest(str(path), [f"c{labels[i]}/img{i}.jpg" for i in range(n)], labels, split,
                  [f"class{c}" for c in range(n_classes)])
     st = create_store(str(path), m, feature_dim=dim, chunk_rows=64,
@@ -255,7 +256,8 @@ def test_report_folder_rules(store, tmp_path, capsys):
     (theirs / "report.txt").write_text("my thesis")
     with pytest.raises(InvalidParameterError, match=r"--report.*report.txt.*did not write"):
         dt.evaluate(str(d), store, report_dir=str(theirs), **ev)
-    assert os.listdir(theirs) == ["report.txt"] and (theirs / "report.txt").read_text() == "my thesis"
+    assert os.listdir(theirs) == ["report.txt"]
+    assert (theirs / "report.txt").read_text() == "my thesis"
     for inside in (d, d / "rep", Path(store) / "rep"):
         with pytest.raises(InvalidParameterError, match="evaluate never writes there"):
             dt.evaluate(str(d), store, report_dir=str(inside), **ev)
@@ -429,8 +431,11 @@ def test_a_full_disk_is_one_line_and_the_rerun_ends_as_an_unbroken_run(store, tm
     res = train(store, d)
     assert_params_equal(res.params, whole.params)
     assert_params_equal(dt.load(str(d)).params, dt.load(str(tmp_path / "whole")).params)
-    assert [json.loads(x)["loss"] for x in (d / "rounds.jsonl").read_text().splitlines()] == \
-        [json.loads(x)["loss"] for x in (tmp_path / "whole" / "rounds.jsonl").read_text().splitlines()]
+    assert _losses(d) == _losses(tmp_path / "whole")
+
+
+def _losses(d: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (d / "rounds.jsonl").read_text().splitlines()]
 
 
 def test_a_full_disk_in_the_cli_is_one_line(store, tmp_path, disk_full, capsys):
@@ -474,7 +479,8 @@ def test_more_epochs_continue_a_finished_run_to_the_head_of_an_unbroken_one(stor
     whole = train_head(SerialExecutor(2), store, cfg(**RUN, epochs=4), str(tmp_path / "w"),
                        progress=False, plot=False)
     d = str(tmp_path / "m")
-    first = train_head(SerialExecutor(2), store, cfg(**RUN, epochs=2), d, progress=False, plot=False)
+    first = train_head(SerialExecutor(2), store, cfg(**RUN, epochs=2), d, progress=False,
+                       plot=False)
     assert first.rounds == 2 * whole.rounds_per_epoch
     ex = SerialExecutor(2)
     more = train_head(ex, store, cfg(**RUN, epochs=4), d, progress=False, plot=False)
@@ -482,8 +488,10 @@ def test_more_epochs_continue_a_finished_run_to_the_head_of_an_unbroken_one(stor
     assert_params_equal(more.params, whole.params)
     assert_params_equal(more.last_params, whole.last_params)
     assert more.best == whole.best and more.rounds == whole.rounds
-    rec = [json.loads(x) for x in open(os.path.join(d, "rounds.jsonl"))]
-    assert [r["lr"] for r in rec] == [json.loads(x)["lr"] for x in open(tmp_path / "w" / "rounds.jsonl")]
+    assert _losses(Path(d)) == _losses(tmp_path / "w")
+    lrs = [[json.loads(x)["lr"] for x in open(p / "rounds.jsonl")]
+           for p in (Path(d), tmp_path / "w")]
+    assert lrs[0] == lrs[1] and len(set(lrs[0])) > 2  # warm-up and steps: lr does change
     with pytest.raises(InvalidParameterError, match=r"epochs 4 -> 3.*already trained 4 epochs"):
         train_head(SerialExecutor(2), store, cfg(**RUN, epochs=3), d, progress=False, plot=False)
 
@@ -515,7 +523,7 @@ def test_a_rerun_of_a_finished_run_reuses_it_and_writes_nothing(store, tmp_path)
 
 def test_training_without_a_val_split_warns(tmp_path):
     url = model_store(tmp_path / "noval.zarr", n_train=48, n_val=0, n_test=16)
-    with pytest.warns(UserWarning, match="no validation rows: early stopping"):
+    with pytest.warns(loop_mod.TrainingWarning, match="no validation rows: early stopping"):
         res = train(url, tmp_path / "m", config=cfg(epochs=1, patience=2))
     assert res.warnings == [loop_mod.NO_VAL_WARNING] and "--patience" in res.warnings[0]
     assert train(model_store(tmp_path / "val.zarr"), tmp_path / "m2",

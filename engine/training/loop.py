@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import InvalidParameterError, StoreError, check_choice, check_float, check_int
 from ..evaluation import cross_entropy, metrics, predict_split
 from ..executor import Executor
-from ..files import append_line, atomic_write
+from ..files import append_line, atomic_write, make_dirs
 from ..modeldir import CHECKPOINT, CHECKPOINT_FORMAT, RUN_FILES, check_model_dir, remove_run_files
 from ..store import open_store
 from .averaging import RoundState, average, combine, fit_shard
@@ -290,8 +290,9 @@ def _shown(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def identity_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """What differs between two run identities, keyed by the user's words: ``{"epochs": (3, 5)}``."""
+def identity_changes(old: Mapping[str, Any], new: Mapping[str, Any]
+                     ) -> dict[str, tuple[Any, Any]]:
+    """What differs between two run identities, in the user's words: ``{"epochs": (3, 5)}``."""
     new = json.loads(json.dumps(new))
     out: dict[str, tuple[Any, Any]] = {}
     fo, fn = _flat_config(old.get("config", {})), _flat_config(new.get("config", {}))
@@ -368,6 +369,11 @@ def _diverged(what: str, cfg: "TrainConfig", epoch: int, rnd: int, rpe: int, lr:
         f"for this head: try a lower one (--lr {cfg.optimizer.lr / 10:g}). Nothing of that "
         f"round was saved: {ck_path} holds the last good state ({good_rounds} rounds); other "
         f"settings cannot resume it, so rerun with --no-resume (resume=False).")
+
+
+class TrainingWarning(UserWarning):
+    """Something about a training run the user should know (also in ``TrainResult.warnings``,
+    so a caller that prints those can filter this category)."""
 
 
 NO_VAL_WARNING = (
@@ -530,9 +536,9 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
 
     run_warnings = [] if n_val else [NO_VAL_WARNING]
     for w in run_warnings:
-        warnings.warn(w, UserWarning, stacklevel=2)
+        warnings.warn(w, TrainingWarning, stacklevel=2)
 
-    os.makedirs(out_dir, exist_ok=True)
+    make_dirs(out_dir)
     ck_path = os.path.join(out_dir, CHECKPOINT)
     rounds_path = os.path.join(out_dir, ROUNDS)
     val_path = os.path.join(out_dir, VAL_METRICS)
