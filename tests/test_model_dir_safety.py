@@ -351,6 +351,16 @@ def test_a_learning_rate_that_blows_up_stops_with_a_clear_error(store, tmp_path)
     assert all(np.isfinite(v).all() for v in dt.load(str(d)).params.values()) and res.rounds == 8
 
 
+def test_a_diverging_cli_run_is_one_line(store, tmp_path, capsys):
+    d = tmp_path / "m"
+    err = one_line_error(capsys, ["train", store, str(d), "--workers", "1", "--head", "mlp",
+                                  "--hidden", "8", "--optimizer", "sgd", "--lr", "1000",
+                                  "--momentum", "0.9", "--batch-size-per-worker", "8",
+                                  "--averaging-frequency", "3", "--seed", "3", "--json"])
+    assert "Training diverged in round" in err and "(--lr 100)" in err
+    assert not (d / "head.safetensors").exists()
+
+
 @pytest.mark.parametrize("where", ["params", "opt_state", "loss"])
 def test_a_non_finite_round_is_never_saved(store, tmp_path, monkeypatch, where):
     real_average = loop_mod.average
