@@ -157,24 +157,31 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     and the number of averaging workers. Options: see ``train_config``. The best head by
     validation score is saved to ``model_dir`` (``config.json`` + ``head.safetensors``),
     beside the per-round statistics, the training chart and the resumable checkpoint.
+    ``model_dir`` must be new, empty or a model directory (see ``deeptransfer.modeldir``).
+    A rerun of a finished run trains and writes nothing (``result.reused``).
     """
     from dataclasses import replace
 
-    from .artifact import save_model
+    from .artifact import save_model, saved_model_matches
     from .store import open_store
-    from .training import train_head
+    from .training import check_resume, train_head
 
     check_engine(engine)
     cfg = train_config(config, **options)
     if workers is not None:
         cfg = replace(cfg, workers=workers)
     st = open_store(store, storage_options=storage_options)
+    # a folder that is not ours, or a run that cannot be resumed, fails before any engine starts
+    check_resume(model_dir, store, cfg, storage_options=storage_options, resume=resume)
     with engine_scope(engine, workers, engine_options) as ex:
         result = train_head(ex, store, cfg, model_dir, storage_options=storage_options,
                             resume=resume, progress=progress)
+    training = result.config.to_dict()
+    if result.reused and saved_model_matches(model_dir, result.params, training):
+        return result
     attrs = {**st.attrs, "store_url": store}
     save_model(model_dir, params=result.params, head_config=result.head.to_dict(),
-               store_attrs=attrs, classes=result.classes, training=result.config.to_dict(),
+               store_attrs=attrs, classes=result.classes, training=training,
                metrics={"validation": result.best_metrics and {
                    k: result.best_metrics[k] for k in ("top1", "top5", "mean_per_class", "n")
                    if k in result.best_metrics}, "best": result.best, "rounds": result.rounds,
@@ -190,14 +197,14 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     """Metrics of a saved model's head on a split of a feature store.
 
     Returns top1, top5, mean_per_class, per-class precision/recall/F1, the confusion matrix
-    and n. With ``report_dir``: ``metrics.json``, ``report.txt`` and ``confusion.png`` there.
+    and n. With ``report_dir``: ``metrics.json``, ``report.txt`` and ``confusion.png`` there
+    (a new or empty folder, or an earlier report: ``deeptransfer.modeldir`` has the rule).
+    Nothing is written into the model directory or the store (they may be read-only).
     """
-    import json
-    import os
-
     from . import evaluation as ev
-    from .artifact import load, update_metrics
+    from .artifact import load
     from .errors import InvalidParameterError
+    from .modeldir import check_report_dir, write_report
     from .store import open_store
 
     check_engine(engine)
@@ -208,17 +215,14 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
         raise InvalidParameterError(
             f"The model in {model_dir!r} was trained on other features (model, layer, classes or "
             f"width differ from {store!r}): evaluate it on a store made with the same settings.")
+    if report_dir:
+        check_report_dir(report_dir, model_dir=model_dir, store_url=store)
     with engine_scope(engine, workers, engine_options) as ex:
         m = ev.evaluate(ex, store, model.params, model.head_config, split,
                         storage_options=storage_options)
-    update_metrics(model_dir, {split: {k: m[k] for k in ("top1", "top5", "mean_per_class", "n")}})
     if report_dir:
-        os.makedirs(report_dir, exist_ok=True)
-        with open(os.path.join(report_dir, "metrics.json"), "w") as f:
-            json.dump(m, f, indent=1)
-        with open(os.path.join(report_dir, "report.txt"), "w") as f:
-            f.write(ev.format_report(m, title=f"{model_dir} on {store} [{split}]"))
-        ev.plot_confusion(m, os.path.join(report_dir, "confusion.png"))
+        write_report(report_dir, m, ev.format_report(m, title=f"{model_dir} on {store} [{split}]"),
+                     ev.plot_confusion)
     return m
 
 

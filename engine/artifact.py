@@ -3,6 +3,7 @@
     model/
       config.json        format, backbone spec (model, layer, weights), preprocessing,
                          feature width, classes, head config, training options, metrics
+                         (training's validation record; evaluate writes nothing here)
       head.safetensors   the trained head's parameters (no pickle)
       rounds.jsonl, val_metrics.json, training.png, checkpoint.safetensors  (training)
 
@@ -19,24 +20,23 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InvalidParameterError, StoreError, check_int
-
-FORMAT = "deeptransfer.model/1"
+from .errors import DeeptransferError, InvalidParameterError, StoreError, check_int
+from .files import atomic_write, make_dirs
+from .modeldir import CONFIG, HEAD, MODEL_FORMAT as FORMAT
 
 
 def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray],
                head_config: Mapping[str, Any], store_attrs: Mapping[str, Any],
                classes: Sequence[str], training: Mapping[str, Any] | None = None,
                metrics: Mapping[str, Any] | None = None) -> Path:
-    """Write ``config.json`` and ``head.safetensors`` (atomically, file by file)."""
-    from safetensors.numpy import save_file
+    """Write ``config.json`` and ``head.safetensors`` (atomically, file by file, umask modes)."""
+    from safetensors.numpy import save
 
     d = Path(model_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "head.safetensors.tmp"
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()},
-              str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, d / "head.safetensors")
+    make_dirs(d)
+    # safetensors' own save_file writes 0600; the bytes go through our writer instead
+    atomic_write(d / HEAD, save({k: np.ascontiguousarray(v, dtype=np.float32)
+                                 for k, v in params.items()}, metadata={"format": FORMAT}))
     config = {
         "format": FORMAT,
         "backbone": dict(store_attrs["model"]),
@@ -50,10 +50,22 @@ def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray]
         "features_store": store_attrs.get("store_url"),
         "versions": store_attrs.get("versions", {}),
     }
-    tmpc = d / "config.json.tmp"
-    tmpc.write_text(json.dumps(config, indent=2, default=_jsonable))
-    os.replace(tmpc, d / "config.json")
+    atomic_write(d / CONFIG, json.dumps(config, indent=2, default=_jsonable))
     return d
+
+
+def saved_model_matches(model_dir: str | os.PathLike, params: Mapping[str, np.ndarray],
+                        training: Mapping[str, Any]) -> bool:
+    """Whether ``model_dir`` already holds exactly this head, trained with these options
+    (a rerun of a finished run then writes nothing)."""
+    try:
+        m = TransferModel(model_dir)
+    except DeeptransferError:
+        return False
+    if json.loads(json.dumps(dict(training), default=_jsonable)) != m.config.get("training") \
+            or list(m.params) != list(params):
+        return False
+    return all(np.array_equal(m.params[k], np.asarray(v, np.float32)) for k, v in params.items())
 
 
 def _jsonable(o: Any) -> Any:
@@ -66,14 +78,10 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def update_metrics(model_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> None:
-    """Merge evaluation results into config.json."""
-    p = Path(model_dir) / "config.json"
-    cfg = json.loads(p.read_text())
-    cfg.setdefault("metrics", {}).update(json.loads(json.dumps(dict(metrics), default=_jsonable)))
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, p)
+def _damaged(path: Path, what: str) -> StoreError:
+    return StoreError(f"{path} {what}: the model directory is damaged. Train it again "
+                      f"(`deeptransfer train STORE {path.parent}` rewrites the model from its "
+                      f"checkpoint, if there is one), or copy the folder back from a backup.")
 
 
 @dataclass
@@ -101,25 +109,47 @@ class TransferModel:
         from .training.heads import HeadConfig, head_from_params
 
         self.dir = Path(model_dir)
-        cfg_path = self.dir / "config.json"
+        cfg_path = self.dir / CONFIG
         if not cfg_path.is_file():
             raise StoreError(f"{str(model_dir)!r} is not a deeptransfer model directory (no "
                              f"config.json). Train one with `deeptransfer train STORE MODEL_DIR`.")
-        self.config: dict[str, Any] = json.loads(cfg_path.read_text())
-        if self.config.get("format") != FORMAT:
-            raise StoreError(f"{cfg_path} has format {self.config.get('format')!r}, "
-                             f"expected {FORMAT!r}.")
-        self.classes: list[str] = list(self.config["classes"])
-        self.spec = ModelSpec.from_dict(self.config["backbone"])
-        pp = dict(self.config["preprocess"])
-        self.views: str = pp.pop("views", "center")
-        self.preprocess = Preprocess.from_dict(pp)
-        self.feature_dim = int(self.config["feature_dim"])
-        self.head_config = HeadConfig.from_dict(self.config["head"])
-        raw = load_file(str(self.dir / "head.safetensors"))
-        self.params = {k: raw[k] for k in self.config.get("param_order", list(raw))}
-        self.head = head_from_params(self.head_config, self.params, in_dim=self.feature_dim,
-                                     n_classes=len(self.classes))
+        try:
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # not JSON, not UTF-8, unreadable
+            raise _damaged(cfg_path, f"cannot be read as JSON ({exc})") from None
+        if not isinstance(self.config, dict) or self.config.get("format") != FORMAT:
+            fmt = self.config.get("format") if isinstance(self.config, dict) else None
+            raise StoreError(f"{cfg_path} has format {fmt!r}, expected {FORMAT!r}: it is not a "
+                             f"deeptransfer model (or one of another version).")
+        try:
+            self.classes: list[str] = list(self.config["classes"])
+            self.spec = ModelSpec.from_dict(self.config["backbone"])
+            pp = dict(self.config["preprocess"])
+            self.views: str = pp.pop("views", "center")
+            self.preprocess = Preprocess.from_dict(pp)
+            self.feature_dim = int(self.config["feature_dim"])
+            self.head_config = HeadConfig.from_dict(self.config["head"])
+        except DeeptransferError:
+            raise
+        except KeyError as exc:
+            raise _damaged(cfg_path, f"has no {exc.args[0]!r} entry") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise _damaged(cfg_path, f"has a bad entry ({exc})") from None
+        head_path = self.dir / HEAD
+        try:
+            raw = load_file(str(head_path))
+            self.params = {k: raw[k] for k in self.config.get("param_order", list(raw))}
+            self.head = head_from_params(self.head_config, self.params, in_dim=self.feature_dim,
+                                         n_classes=len(self.classes))
+        except DeeptransferError:
+            raise
+        except FileNotFoundError:
+            raise _damaged(head_path, "is missing") from None
+        except KeyError as exc:
+            raise _damaged(head_path, f"has no tensor {exc.args[0]!r}") from None
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, torch's shape errors
+            raise _damaged(head_path, f"cannot be loaded ({type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
     def __repr__(self) -> str:
         return (f"TransferModel({self.spec.name}@{self.spec.layer} -> {self.head_config.kind} "

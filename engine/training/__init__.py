@@ -9,13 +9,14 @@
 """
 from .averaging import RoundState, ShardResult, average, combine, fit_shard
 from .heads import HeadConfig, build_head, head_from_params, head_params, load_params
-from .loop import TrainConfig, TrainResult, load_checkpoint, rounds_per_epoch, train_head
+from .loop import (TrainConfig, TrainingWarning, TrainResult, check_resume, load_checkpoint,
+                   rounds_per_epoch, train_head)
 from .optim import OptimizerConfig, lr_at
 from .shards import ShardTask, partition_rows
 
 __all__ = [
-    "HeadConfig", "OptimizerConfig", "TrainConfig", "TrainResult", "RoundState", "ShardTask",
-    "ShardResult", "build_head", "head_from_params", "head_params", "load_params", "fit_shard",
-    "combine", "average", "train_head", "load_checkpoint", "rounds_per_epoch", "partition_rows",
-    "lr_at",
+    "HeadConfig", "OptimizerConfig", "TrainConfig", "TrainResult", "TrainingWarning", "RoundState",
+    "ShardTask", "ShardResult", "build_head", "head_from_params", "head_params", "load_params", "fit_shard",
+    "combine", "average", "train_head", "check_resume", "load_checkpoint", "rounds_per_epoch",
+    "partition_rows", "lr_at",
 ]

@@ -24,8 +24,10 @@ validation metrics); ``training.png`` (score vs iteration, see ``plot.py``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
@@ -35,6 +37,8 @@ import numpy as np
 from ..errors import InvalidParameterError, StoreError, check_choice, check_float, check_int
 from ..evaluation import cross_entropy, metrics, predict_split
 from ..executor import Executor
+from ..files import append_line, atomic_write, make_dirs
+from ..modeldir import CHECKPOINT, CHECKPOINT_FORMAT, RUN_FILES, check_model_dir, remove_run_files
 from ..store import open_store
 from .averaging import RoundState, average, combine, fit_shard
 from .heads import (HeadConfig, _check_keys, balanced_class_weights, build_head,
@@ -43,7 +47,6 @@ from .optim import OptimizerConfig, init_state, lr_at
 from .shards import REPARTITION, ShardTask, partition_sizes, store_key
 
 MONITORS = ("top1", "mean_per_class", "loss")
-CHECKPOINT = "checkpoint.safetensors"
 ROUNDS = "rounds.jsonl"
 PLOT = "training.png"
 VAL_METRICS = "val_metrics.json"
@@ -137,6 +140,8 @@ class TrainResult:
     rounds_per_epoch: int
     stopped_early: bool
     out_dir: str
+    reused: bool = False  # the run in out_dir was already finished: nothing was trained
+    warnings: list[str] = field(default_factory=list)  # surprises to tell the user (one line each)
 
     def module(self):
         """The best head as a torch module in eval mode."""
@@ -179,7 +184,7 @@ def save_checkpoint(path: str, state: Mapping[str, Any], params: Mapping[str, np
                     opt_state: Mapping[str, np.ndarray] | None,
                     best_params: Mapping[str, np.ndarray] | None) -> None:
     """Atomically write the training state: one safetensors file (arrays + JSON metadata)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     tensors: dict[str, np.ndarray] = {}
     for prefix, d in (("params/", params), ("opt/", opt_state or {}), ("best/", best_params or {})):
@@ -189,9 +194,9 @@ def save_checkpoint(path: str, state: Mapping[str, Any], params: Mapping[str, np
     meta["param_order"] = list(params)
     meta["opt_order"] = list(opt_state) if opt_state is not None else None
     meta["has_best"] = best_params is not None
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={"state": json.dumps(meta)})
-    os.replace(tmp, path)
+    # bytes through our writer: safetensors' save_file makes the file 0600, not umask
+    atomic_write(path, save(tensors, metadata={"format": CHECKPOINT_FORMAT,
+                                               "state": json.dumps(meta)}))
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, Any], "OrderedDict[str, np.ndarray]",
@@ -212,25 +217,169 @@ def load_checkpoint(path: str) -> tuple[dict[str, Any], "OrderedDict[str, np.nda
     return meta, params, opt, best
 
 
+def resume_checkpoint(path: str) -> tuple[dict[str, Any], "OrderedDict[str, np.ndarray]",
+                                          "OrderedDict[str, np.ndarray] | None",
+                                          "OrderedDict[str, np.ndarray] | None"]:
+    """``load_checkpoint`` for a resume: a damaged file is one StoreError saying what to do."""
+    try:
+        out = load_checkpoint(path)
+        missing = [k for k in _STATE_KEYS if k not in out[0]]
+        if missing or not isinstance(out[0]["identity"], dict):
+            raise KeyError(f"no {', '.join(missing) or 'identity'} in its state")
+        return out
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, JSON and key errors alike
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise StoreError(
+            f"The checkpoint {path} is damaged ({type(exc).__name__}: {first}), so the run "
+            f"cannot be resumed: use --no-resume (resume=False) to start over in that folder."
+        ) from None
+
+
+#: what every checkpoint's state holds
+_STATE_KEYS = ("identity", "epoch", "round", "global_round", "iteration", "epoch_loss_sum",
+               "epoch_examples", "epoch_correct", "history", "best", "bad_epochs", "done",
+               "stopped_early")
+
+
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj))
+
+
+def _parses(line: str) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("global_round"), int) else None
 
 
 def _truncate_rounds(path: str, keep_below: int) -> None:
-    """Keep the records of rounds the checkpoint holds (a kill may have left one more)."""
+    """Keep the records of rounds the checkpoint holds (a kill may have left one more, and a
+    full disk half of one)."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["global_round"] < keep_below]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f if ln.strip()]
+    kept = [ln for ln in lines if (rec := _parses(ln)) is not None
+            and rec["global_round"] < keep_below]
     if len(kept) != len(lines):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        atomic_write(path, "".join(kept))
+
+
+#: identity keys -> the words a user knows them by (CLI flags without their dashes)
+_IDENTITY_WORDS = {"store_key": "the feature store's contents", "n_train": "training rows",
+                   "n_val": "validation rows", "classes": "classes",
+                   "feature_dim": "feature width"}
+
+
+def _flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A TrainConfig dict flattened to option names: ``head.kind`` -> ``head``,
+    ``optimizer.name`` -> ``optimizer``, ``optimizer.lr`` -> ``lr``."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if k in ("head", "optimizer") and isinstance(v, Mapping):
+            for kk, vv in v.items():
+                out[k if kk in ("kind", "name") else kk] = vv
+        else:
+            out[k] = v
+    return out
+
+
+def _shown(v: Any) -> str:
+    text = v if isinstance(v, str) else json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def identity_changes(old: Mapping[str, Any], new: Mapping[str, Any]
+                     ) -> dict[str, tuple[Any, Any]]:
+    """What differs between two run identities, in the user's words: ``{"epochs": (3, 5)}``."""
+    new = json.loads(json.dumps(new))
+    out: dict[str, tuple[Any, Any]] = {}
+    fo, fn = _flat_config(old.get("config", {})), _flat_config(new.get("config", {}))
+    for k in list(fo) + [k for k in fn if k not in fo]:
+        if fo.get(k) != fn.get(k):
+            out[k.replace("_", "-")] = (fo.get(k), fn.get(k))
+    for k in new:
+        if k != "config" and old.get(k) != new[k]:
+            out[_IDENTITY_WORDS.get(k, k)] = (old.get(k), new[k])
+    return out
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    """``epochs 3 -> 5, lr 0.1 -> 0.01``."""
+    return ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" if k != _IDENTITY_WORDS["store_key"]
+                     else k for k, (a, b) in changes.items())
+
+
+def _refuse_resume(out_dir: str, changes: Mapping[str, tuple[Any, Any]], why: str = "") -> None:
+    raise InvalidParameterError(
+        f"{out_dir!r} holds a training run with other settings ({describe_changes(changes)}), "
+        f"so it cannot be resumed{why}: use another output folder, or resume=False "
+        f"(CLI: --no-resume) to start over there.")
+
+
+def _continue_with(out_dir: str, st: dict[str, Any], identity: Mapping[str, Any],
+                   cfg: "TrainConfig", n_val: int) -> None:
+    """Accept the checkpoint in ``st`` for a run with ``identity``, or refuse with what differs.
+
+    Only the number of epochs may change: a run (finished or not) continues to the new
+    number, and ends with the head an uninterrupted run with that number ends with, because
+    nothing a round does depends on the total -- except the cosine schedule (its learning
+    rate at every round depends on it), so there a change is refused. Fewer epochs than
+    already trained cannot be undone and are refused too.
+    """
+    changes = identity_changes(st["identity"], identity)
+    if not changes:
+        return
+    if set(changes) != {"epochs"}:
+        _refuse_resume(out_dir, changes)
+    if cfg.optimizer.schedule == "cosine":
+        _refuse_resume(out_dir, changes, " (the cosine schedule spreads its learning rates over "
+                                         "all epochs, so the rounds already run would differ)")
+    if cfg.epochs < st["epoch"]:
+        _refuse_resume(out_dir, changes, f" (it has already trained {st['epoch']} epochs)")
+    st["identity"] = json.loads(json.dumps(identity))
+    early = _early_stop(cfg, st, n_val)
+    st["stopped_early"] = early and st["epoch"] < cfg.epochs
+    st["done"] = early or st["epoch"] >= cfg.epochs
+
+
+def _early_stop(cfg: "TrainConfig", st: Mapping[str, Any], n_val: int) -> bool:
+    return bool(n_val and cfg.patience is not None and st["bad_epochs"] >= cfg.patience)
+
+
+def _non_finite(params: Mapping[str, np.ndarray], opt_state: Mapping[str, np.ndarray] | None,
+                loss: float) -> str | None:
+    """What became NaN or infinite in a round (None: all finite)."""
+    if not math.isfinite(loss):
+        return f"the training loss ({loss})"
+    for what, d in (("parameter", params), ("optimizer state", opt_state or {})):
+        for k, v in d.items():
+            a = np.asarray(v)
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                return f"the {what} {k!r}"
+    return None
+
+
+def _diverged(what: str, cfg: "TrainConfig", epoch: int, rnd: int, rpe: int, lr: float,
+              ck_path: str, good_rounds: int) -> InvalidParameterError:
+    return InvalidParameterError(
+        f"Training diverged in round {rnd + 1} of {rpe} of epoch {epoch + 1} of {cfg.epochs}: "
+        f"{what} became NaN or infinite at learning rate {lr:g}. The learning rate is too high "
+        f"for this head: try a lower one (--lr {cfg.optimizer.lr / 10:g}). Nothing of that "
+        f"round was saved: {ck_path} holds the last good state ({good_rounds} rounds); other "
+        f"settings cannot resume it, so rerun with --no-resume (resume=False).")
+
+
+class TrainingWarning(UserWarning):
+    """Something about a training run the user should know (also in ``TrainResult.warnings``,
+    so a caller that prints those can filter this category)."""
+
+
+NO_VAL_WARNING = (
+    "the store has no validation rows: early stopping (--patience) and keeping the best "
+    "epoch's head are off, and the model is the last epoch's head. Featurize with a val part "
+    "(e.g. --split train=0.7,val=0.1,test=0.2) to have them.")
 
 
 class CheckpointWriter:
@@ -307,6 +456,31 @@ def _monitor_value(monitor: str, entry: Mapping[str, Any]) -> float:
     return float(entry["val_" + monitor])
 
 
+def _identity(cfg: TrainConfig, store: Any) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the options and the training data."""
+    return {"config": cfg.to_dict(), "store_key": store_key(store.attrs),
+            "n_train": len(store.split_rows("train")), "n_val": len(store.split_rows("val")),
+            "classes": store.classes, "feature_dim": store.feature_dim}
+
+
+def check_resume(out_dir: str, store_url: str, config: TrainConfig | Mapping[str, Any] | None,
+                 *, storage_options: Mapping | None = None, resume: bool = True) -> None:
+    """``train_head``'s checks that need no engine, to run before one starts: the output
+    folder, and whether the run in it can be resumed with these settings (with
+    ``config.workers`` None, the engine decides the workers later: not compared here)."""
+    check_model_dir(out_dir, store_url)
+    ck_path = os.path.join(out_dir, CHECKPOINT)
+    if not (resume and os.path.exists(ck_path)):
+        return
+    cfg = TrainConfig() if config is None else TrainConfig.from_dict(config)
+    st = resume_checkpoint(ck_path)[0]
+    if cfg.workers is None:
+        old = st["identity"].get("config", {}).get("workers")
+        cfg = replace(cfg, workers=old if isinstance(old, int) and old >= 1 else None)
+    store = open_store(store_url, storage_options=storage_options)
+    _continue_with(out_dir, st, _identity(cfg, store), cfg, len(store.split_rows("val")))
+
+
 def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping[str, Any] | None,
                out_dir: str, *, storage_options: Mapping | None = None, resume: bool = True,
                progress: bool = True, plot: bool = True,
@@ -321,9 +495,18 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
     round order; an exception it raises ends training (the run can be resumed). ``plot=False``
     skips the chart (``training.png``), which otherwise is drawn at the end and at most every
     ``PLOT_EVERY_S`` seconds after an epoch.
+
+    ``out_dir`` must be new, empty or a model directory (``modeldir.check_model_dir``);
+    starting over removes only the files a run writes. A resumed run may change ``epochs``
+    (not with the cosine schedule): it continues to the new number, even once finished.
+    A round whose loss, parameters or optimizer state are not finite stops training with
+    an error and is not saved. A finished run resumed with the same settings trains nothing
+    (``TrainResult.reused``); ``TrainResult.warnings`` says what the user should know (no
+    validation split).
     """
     config = TrainConfig() if config is None else TrainConfig.from_dict(config)
     cfg = replace(config, workers=config.workers or int(executor.n_workers))
+    check_model_dir(out_dir, store_url)
     store = open_store(store_url, storage_options=storage_options)
     if not store.is_complete():
         raise StoreError(f"The feature store {store_url!r} is not complete "
@@ -349,24 +532,25 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
     rpe = rounds_per_epoch(n_train, cfg.workers, cfg.batch_size_per_worker, cfg.averaging_frequency)
     opt_cfg = cfg.optimizer
     keeps_state = cfg.save_updater and opt_cfg.has_state
-    identity = {"config": cfg.to_dict(), "store_key": key, "n_train": n_train, "n_val": n_val,
-                "classes": classes, "feature_dim": in_dim}
+    identity = _identity(cfg, store)
 
-    os.makedirs(out_dir, exist_ok=True)
+    run_warnings = [] if n_val else [NO_VAL_WARNING]
+    for w in run_warnings:
+        warnings.warn(w, TrainingWarning, stacklevel=2)
+
+    make_dirs(out_dir)
     ck_path = os.path.join(out_dir, CHECKPOINT)
     rounds_path = os.path.join(out_dir, ROUNDS)
     val_path = os.path.join(out_dir, VAL_METRICS)
 
     if resume and os.path.exists(ck_path):
-        st, params, opt_state, best_params = load_checkpoint(ck_path)
-        if json.loads(json.dumps(identity)) != st["identity"]:
-            differ = [k for k in identity if json.loads(json.dumps(identity[k])) != st["identity"].get(k)]
-            raise InvalidParameterError(
-                f"{out_dir!r} holds a training run with other settings ({', '.join(differ)} "
-                f"differ), so it cannot be resumed: use another output folder, or resume=False "
-                f"(CLI: --no-resume) to start over there.")
+        st, params, opt_state, best_params = resume_checkpoint(ck_path)
+        reused = bool(st.get("done"))
+        _continue_with(out_dir, st, identity, cfg, n_val)
+        reused = reused and st["done"]
         _truncate_rounds(rounds_path, st["global_round"])
     else:
+        reused = False
         head = build_head(cfg.head, in_dim, n_classes, seed=cfg.seed)
         params = head_params(head)
         opt_state = init_state(opt_cfg, head) if keeps_state else None
@@ -375,9 +559,7 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
               "epoch_loss_sum": 0.0, "epoch_examples": 0, "epoch_correct": 0,
               "history": [], "best": None, "bad_epochs": 0, "done": False,
               "stopped_early": False}
-        for p in (rounds_path, val_path, os.path.join(out_dir, PLOT)):
-            if os.path.exists(p):
-                os.remove(p)
+        remove_run_files(out_dir, RUN_FILES)  # an earlier run's: never other files
         save_checkpoint(ck_path, st, params, opt_state, best_params)
 
     last_plot = time.perf_counter()
@@ -409,13 +591,18 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
                 t0 = time.perf_counter()
                 res = executor.map_reduce(fit_shard, tasks, combine, shared=shared,
                                           affinity=[t.part for t in tasks])
-                params, new_state = average(res)
-                if keeps_state:
-                    opt_state = new_state
+                new_params, new_state = average(res)
                 round_s = time.perf_counter() - t0
                 if res.n_workers != len(tasks):
                     raise RuntimeError(f"round {rnd} of epoch {epoch}: {res.n_workers} results for "
                                        f"{len(tasks)} tasks; the engine lost or duplicated a task")
+                # checked before anything of the round is logged or saved
+                bad = _non_finite(new_params, new_state if keeps_state else None, res.loss_sum)
+                if bad is not None:
+                    raise _diverged(bad, cfg, epoch, rnd, rpe, lr, ck_path, st["global_round"])
+                params = new_params
+                if keeps_state:
+                    opt_state = new_state
                 record = {
                     "epoch": epoch, "round": rnd, "global_round": st["global_round"],
                     "start_time": started, "iteration": st["iteration"] + res.steps,
@@ -425,8 +612,7 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
                     "compute_seconds": res.compute_s, "compute_seconds_total": res.compute_s_sum,
                     "round_seconds": round_s, "overhead_seconds": max(round_s - res.compute_s, 0.0),
                 }
-                with open(rounds_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_line(rounds_path, json.dumps(record))
                 st["round"] += 1
                 st["global_round"] += 1
                 st["iteration"] = record["iteration"]
@@ -479,7 +665,7 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
             st["epoch"] += 1
             st["round"] = 0
             st["epoch_loss_sum"], st["epoch_examples"], st["epoch_correct"] = 0.0, 0, 0
-            early = bool(n_val and cfg.patience is not None and st["bad_epochs"] >= cfg.patience)
+            early = _early_stop(cfg, st, n_val)
             st["stopped_early"] = early and st["epoch"] < cfg.epochs
             st["done"] = early or st["epoch"] >= cfg.epochs
             writer.save(st, params, opt_state, best_params)
@@ -509,7 +695,7 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
         classes=classes, head=cfg.head, feature_dim=in_dim, config=cfg,
         history=list(st["history"]), best=st["best"], best_metrics=best_metrics,
         rounds=st["global_round"], rounds_per_epoch=rpe, stopped_early=st["stopped_early"],
-        out_dir=out_dir)
+        out_dir=out_dir, reused=reused, warnings=run_warnings)
 
 
 def _checkpointed(record: dict[str, Any], callback: Callable[[dict[str, Any]], None] | None

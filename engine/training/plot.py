@@ -83,7 +83,8 @@ def plot_training(rounds: Iterable[Mapping[str, Any]], history: Sequence[Mapping
     ax_t.set_xlabel("iteration (minibatches per worker)")
     ax_t.grid(True, alpha=0.3)
     fig.subplots_adjust(left=0.09, right=0.91, top=0.94, bottom=0.08, hspace=0.08)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    from ..files import atomic_target
+
+    with atomic_target(path) as tmp:  # a unique name, removed if drawing fails
+        fig.savefig(tmp, dpi=100, format="png")
     return path
