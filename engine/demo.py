@@ -48,13 +48,23 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, engine: str = "local",
              workers: int = 2, epochs: int = 30, progress: bool = True,
              log: Any = print) -> dict[str, Any]:
     """Build the digits dataset, featurize, train with parameter averaging, evaluate."""
-    from .api import evaluate, featurize, train
+    from .api import engine_scope, evaluate, featurize, train
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = make_digits_dataset(out / "digits")
     log(f"[1/4] dataset: 1,797 handwritten digits from scikit-learn -> {data}")
+    # one engine for the three jobs, as a user's session would keep its cluster
+    with engine_scope(engine, workers, None) as ex:
+        return _run_jobs(ex, out, data, workers, epochs, progress, log, t0)
+
+
+def _run_jobs(ex: Any, out: Path, data: Path, workers: int, epochs: int, progress: bool,
+              log: Any, t0: float) -> dict[str, Any]:
+    from .api import evaluate, featurize, train
+
+    engine = ex
     rep = featurize(str(data), str(out / "features.zarr"), split="train=0.6,val=0.2,test=0.2",
                     seed=0, engine=engine, workers=workers, progress=progress)
     log(f"[2/4] featurized {rep.featurized} images with {rep.model['name']} "

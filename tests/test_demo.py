@@ -22,6 +22,7 @@ def test_demo_trains_an_accurate_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy" in out and "parameter averaging on 2 workers" in out
     cfg = json.loads((tmp_path / "demo" / "model" / "config.json").read_text())
-    assert cfg["metrics"]["test"]["top1"] > 0.85, cfg["metrics"]
+    test = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
+    assert test["split"] == "test" and test["top1"] > 0.85, test["top1"]
     assert cfg["training"]["workers"] == 2
     assert (tmp_path / "demo" / "report" / "confusion.png").exists()
