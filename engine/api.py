@@ -90,12 +90,13 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
                              overwrite=overwrite, progress=progress)
 
 
-def info(store: str, storage_options: Mapping | None = None) -> dict[str, Any]:
+def info(store: str, storage_options: Mapping | None = None, verify: bool = False) -> dict[str, Any]:
     """Describe a feature store (a damaged one is a StoreError; one another job is writing
-    is described as far as it is written, with a ``writer`` entry)."""
+    is described as far as it is written, with a ``writer`` entry). ``verify`` also reads
+    every chunk's checksum (the features' too), which a plain ``info`` does not read."""
     from .store import open_store
 
-    return open_store(store, storage_options=storage_options, check=False).summary()
+    return open_store(store, storage_options=storage_options, check=False).summary(verify=verify)
 
 
 def train_config(config: Any = None, **options: Any) -> Any:

@@ -428,4 +428,4 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
         images_per_second=todo_rows / seconds if seconds > 0 else 0.0,
         store_bytes=store_nbytes(store_url, storage_options), engine=executor.name,
         model=mspec.to_dict(), feature_dim=feature_dim, warnings=warnings,
-        reused=store.reused and todo_rows == 0, repaired_chunks=repaired)
+        reused=store.reused and todo_rows == 0 and not repaired, repaired_chunks=repaired)

@@ -348,13 +348,21 @@ class FeatureStore:
         except (ImportError, ValueError, OSError):
             return None
 
+    def verify(self) -> None:
+        """``check_whole``, and every chunk's checksum (reads the whole store)."""
+        self.check_whole()
+        corrupt = self._corrupt(self._stored_keys())
+        if corrupt:
+            raise StoreError(self._describe(corrupt))
+
     @_reads
-    def summary(self) -> dict[str, Any]:
-        """What `deeptransfer info` prints. A damaged store is a StoreError; a store another
-        job is writing is described as far as it is written, with ``writer`` saying who."""
+    def summary(self, verify: bool = False) -> dict[str, Any]:
+        """What `deeptransfer info` prints. A damaged store is a StoreError (a chunk file
+        missing; with ``verify``, also a checksum that fails, features included); a store
+        another job is writing is described as far as it is written, ``writer`` saying who."""
         writer = self.writer()
         if writer is None:
-            self.check_whole()
+            self.verify() if verify else self.check_whole()
         ok = self.group["ok"][:] & self._done_rows()
         split = self.group["split"][:]
         done = self.group["done"][:]
