@@ -35,8 +35,8 @@ import numpy as np
 
 from .dataset import SPLITS, Manifest, split_code
 from .errors import DeeptransferError, InvalidParameterError, StoreError
-from .storesafety import (FORMAT, PENDING_ATTR, check_store_target, holder_message, live_holder,
-                          os_error, place, remove_store, write_errors)
+from .storesafety import (FORMAT, PENDING_ATTR, check_store_target, holder_message,
+                          is_temp_key, live_holder, os_error, place, remove_store, write_errors)
 
 ROW_ARRAYS = ("labels", "split", "paths", "ok", "reasons")
 #: row arrays written from the manifest when the store is created
@@ -273,6 +273,9 @@ class FeatureStore:
         stored = self._stored_keys()
         damage = self._corrupt(stored)
         with write_errors(self.url):
+            p = place(self.url, self.storage_options)
+            for key in filter(is_temp_key, stored):  # no task of this job has started yet
+                p.fs.rm_file(p.join(key))
             for c, names in damage.items():
                 if names & {*RESULT_ARRAYS, "done"}:
                     self._w("done")[c] = False  # rewrites a torn marker too

@@ -56,12 +56,13 @@ class Place:
 
 
 def place(url: str, storage_options: Mapping | None = None) -> Place:
-    """Where ``url`` is: local paths resolved (``~``, relative parts, symlinks, trailing
-    slashes, ``file://``), remote ones as protocol + path."""
+    """Where ``url`` is: local paths resolved (relative parts, symlinks, trailing slashes,
+    ``file://``; not ``~``, which zarr does not expand either), remote ones as protocol +
+    path."""
     import fsspec
 
     if "://" not in url or url.startswith("file://"):
-        path = os.path.realpath(os.path.expanduser(url.removeprefix("file://")))
+        path = os.path.realpath(url.removeprefix("file://"))
         return Place(url, fsspec.filesystem("file"), "file", path)
     fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
@@ -178,6 +179,11 @@ def remove_store(p: Place) -> None:
                         pass  # not empty: something that is not ours is in it
         elif ours:
             p.fs.rm([p.join(k) for k in ours])
+
+
+def is_temp_key(key: str) -> bool:
+    """A temp file zarr's LocalStore left when its process was killed mid-write."""
+    return key.endswith(".partial") and _KEY.fullmatch(key) is not None
 
 
 def _local_keys(root: str) -> list[str]:

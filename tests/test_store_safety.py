@@ -36,6 +36,15 @@ def dataset(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def clean(dataset, tmp_path_factory):
+    """A complete store of the dataset, made once: tests copy or compare with it."""
+    url = str(tmp_path_factory.mktemp("clean") / "clean.zarr")
+    with LocalExecutor(0) as ex:
+        dt.featurize(dataset, url, engine=ex, **KW)
+    return url
+
+
 @pytest.fixture
 def no_engine(monkeypatch):
     """Fail the test if featurize starts an engine: the checks must come first."""
@@ -225,13 +234,12 @@ def _enospc_after(monkeypatch, n_ok: int, which=lambda key: True):
 
 
 @pytest.mark.parametrize("fail_on", ["features", "done"])
-def test_disk_full_is_one_line_and_the_rerun_finishes_the_store(dataset, tmp_path, monkeypatch,
-                                                                capsys, fail_on):
+def test_disk_full_is_one_line_and_the_rerun_finishes_the_store(dataset, clean, tmp_path,
+                                                                monkeypatch, fail_on):
     m = load_dataset(dataset, split=SPLIT)
-    clean, full = str(tmp_path / "clean.zarr"), str(tmp_path / "full.zarr")
+    full = str(tmp_path / "full.zarr")
     kw = dict(model=ModelSpec("efficientnet_lite0"), chunk_rows=8, batch_size=4, progress=False)
     with LocalExecutor(0) as ex:
-        run_featurize(ex, m, clean, **kw)
         with monkeypatch.context() as mp:
             # the second chunk's features (or done marker) find the disk full
             _enospc_after(mp, 1, lambda key: key.startswith(f"{fail_on}/c/"))
@@ -280,10 +288,10 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_a_second_job_on_a_store_is_refused_while_the_first_writes(dataset, tmp_path, capsys):
+def test_a_second_job_on_a_store_is_refused_while_the_first_writes(dataset, clean, tmp_path,
+                                                                   capsys):
     url = str(tmp_path / "s.zarr")
-    with LocalExecutor(0) as ex:
-        dt.featurize(dataset, url, engine=ex, **KW)
+    shutil.copytree(clean, url)
     before = _tree(url)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, url], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
