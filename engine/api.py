@@ -64,11 +64,15 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     """
     from .dataset import check_dataset_options, load_dataset
     from .models import ModelSpec
+    from .storesafety import check_store_target
 
     check_engine(engine)
     # a mistyped path or split fails here, not after a cluster has started
     check_dataset_options(dataset, split=split, per_class_train=per_class_train,
                           storage_options=storage_options)
+    # a foreign folder, the dataset itself or a store another job writes: refused up front
+    check_store_target(store, dataset=dataset, overwrite=overwrite,
+                       storage_options=storage_options)
     split_config = {"split": split if isinstance(split, (str, type(None))) else dict(split),
                     "per_class_train": per_class_train, "per_class_val": per_class_val,
                     "exclude_classes": list(exclude_classes), "seed": seed}
@@ -86,11 +90,13 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
                              overwrite=overwrite, progress=progress)
 
 
-def info(store: str, storage_options: Mapping | None = None) -> dict[str, Any]:
-    """Describe a feature store."""
+def info(store: str, storage_options: Mapping | None = None, verify: bool = False) -> dict[str, Any]:
+    """Describe a feature store (a damaged one is a StoreError; one another job is writing
+    is described as far as it is written, with a ``writer`` entry). ``verify`` also reads
+    every chunk's checksum (the features' too), which a plain ``info`` does not read."""
     from .store import open_store
 
-    return open_store(store, storage_options=storage_options).summary()
+    return open_store(store, storage_options=storage_options, check=False).summary(verify=verify)
 
 
 def train_config(config: Any = None, **options: Any) -> Any:

@@ -18,7 +18,8 @@ from .dataset import Manifest
 from .errors import DeeptransferError, StoreError, check_choice, check_int
 from .executor import Executor
 from .fs import DEFAULT_MAX_IMAGE_BYTES, FileRefusedError, read_local, read_url
-from .store import cached_store, create_store, forget_cached_stores
+from .store import cached_store, create_store, forget_cached_stores, store_nbytes
+from .storesafety import StoreLock, check_store_target
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,10 @@ class FeaturizeReport:
     model: dict
     feature_dim: int
     warnings: list[str] = field(default_factory=list)
+    #: the store was already complete: this run computed nothing (``computed_now == 0``)
+    reused: bool = False
+    #: chunks found damaged (missing or corrupt files) and computed or rewritten again
+    repaired_chunks: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -379,10 +384,34 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
         "batch_size": batch_size,
     }
     t0 = time.perf_counter()
-    store = create_store(store_url, manifest, feature_dim=info.layers[layer], attrs=attrs,
+    # refused before anything is written: a file, a foreign folder, the dataset itself
+    check_store_target(store_url, dataset=manifest.root, overwrite=overwrite,
+                       storage_options=storage_options)
+    with StoreLock(store_url, storage_options):  # one writer per store, released on any exit
+        return _featurize_locked(executor, manifest, store_url, mspec, info.layers[layer],
+                                 attrs, t0, batch_size=batch_size, dtype=dtype,
+                                 chunk_rows=chunk_rows, compile=compile, device=device,
+                                 precision=precision, views=views,
+                                 storage_options=storage_options, overwrite=overwrite,
+                                 progress=progress)
+
+
+def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, mspec: Any,
+                      feature_dim: int, attrs: Mapping[str, Any], t0: float, *, batch_size: int,
+                      dtype: str, chunk_rows: int, compile: bool, device: str, precision: str,
+                      views: str, storage_options: Mapping | None, overwrite: bool,
+                      progress: bool | Callable[[ChunkResult], None]) -> FeaturizeReport:
+    """``run_featurize`` once it holds the store's lock."""
+    store = create_store(store_url, manifest, feature_dim=feature_dim, attrs=attrs,
                          dtype=dtype, chunk_rows=chunk_rows, storage_options=storage_options,
                          overwrite=overwrite)
     forget_cached_stores()  # a handle cached in this process may predate an overwrite
+    # a reused store is verified chunk by chunk: damaged chunks are computed again
+    repaired = store.repair(manifest) if store.reused else []
+    warnings = list(manifest.warnings)
+    if repaired:
+        warnings.append(f"{len(repaired)} damaged chunk(s) of the store were found and are "
+                        f"computed again: {repaired[:10]}")
     pending = store.pending_chunks()
     spec = FeaturizeSpec(store_url=store_url, model=mspec,
                          storage_options=tuple(sorted(dict(storage_options or {}).items())),
@@ -396,13 +425,15 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
 
         bar = tqdm(total=len(manifest), initial=len(manifest) - todo_rows, unit="img",
                    desc=f"featurize [{executor.name}]", dynamic_ncols=True)
-    for _, res in executor.map_unordered(featurize_chunk, pending, shared=spec):
+    try:
+        for _, res in executor.map_unordered(featurize_chunk, pending, shared=spec):
+            if bar is not None:
+                bar.update(store.chunk_bounds(res.chunk)[1] - store.chunk_bounds(res.chunk)[0])
+            elif callable(progress):
+                progress(res)
+    finally:
         if bar is not None:
-            bar.update(store.chunk_bounds(res.chunk)[1] - store.chunk_bounds(res.chunk)[0])
-        elif callable(progress):
-            progress(res)
-    if bar is not None:
-        bar.close()
+            bar.close()
     seconds = time.perf_counter() - t0
     if not store.is_complete():  # pragma: no cover - an engine lost a task without an error
         raise StoreError(f"featurize finished with chunks missing: {store.pending_chunks()}")
@@ -411,6 +442,6 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
         store=store_url, images=len(manifest), featurized=len(manifest) - len(skipped),
         skipped=skipped, computed_now=todo_rows, seconds=seconds,
         images_per_second=todo_rows / seconds if seconds > 0 else 0.0,
-        store_bytes=store.summary()["bytes"], engine=executor.name, model=mspec.to_dict(),
-        feature_dim=info.layers[layer], warnings=list(manifest.warnings))
-
+        store_bytes=store_nbytes(store_url, storage_options), engine=executor.name,
+        model=mspec.to_dict(), feature_dim=feature_dim, warnings=warnings,
+        reused=store.reused and todo_rows == 0 and not repaired, repaired_chunks=repaired)

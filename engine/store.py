@@ -13,27 +13,54 @@ array, which are whole Zarr chunks, and its ``done[i]`` marker, which it writes 
 tasks never share a Zarr chunk (no lost updates between processes), a task run twice
 writes the same bytes, and a killed run resumes by recomputing exactly the chunks whose
 marker is missing (the write discipline of dask's ``to_zarr``).
+
+A store knows it is whole: every chunk file is written, even one equal to the fill value
+(attribute ``chunk_files: "all"``), so the done markers say which files must exist, and
+every chunk ends with a CRC32C checksum (zarr's ``crc32c`` codec, after compression). A
+reader lists the chunk keys (cheap: no data is read) and refuses a store with one missing;
+a chunk that fails its checksum when read is one StoreError line; featurize run again
+verifies every checksum and recomputes (or rewrites from the manifest) exactly the damaged
+chunks. Stores written before this (no ``chunk_files``) are checked for what their files
+can say: zarr skipped chunks equal to the fill value there.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from .dataset import SPLITS, Manifest, split_code
-from .errors import InvalidParameterError, StoreError
+from .errors import DeeptransferError, InvalidParameterError, StoreError
+from .storesafety import (FORMAT, PENDING_ATTR, check_store_target, holder_message,
+                          is_temp_key, live_holder, os_error, place, remove_store, write_errors)
 
-FORMAT = "deeptransfer.features/1"
 ROW_ARRAYS = ("labels", "split", "paths", "ok", "reasons")
+#: row arrays written from the manifest when the store is created
+MANIFEST_ARRAYS = ("labels", "split", "paths")
+#: arrays featurize_chunk writes, before the chunk's done marker
+RESULT_ARRAYS = ("features", "ok", "reasons")
+#: zarr's default skips writing a chunk equal to the fill value (an all-skipped chunk, a
+#: chunk of class 0): then a deleted file cannot be told from a skipped one
+WRITE_ALL = {"write_empty_chunks": True}
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _zarr():
     import zarr  # imported lazily: `deeptransfer --help` stays fast
 
     return zarr
+
+
+def _codecs() -> dict[str, Any]:
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    # zarr's default compressor, then a checksum of the compressed bytes
+    return {"compressors": [ZstdCodec(), Crc32cCodec()], "config": WRITE_ALL}
 
 
 def manifest_digest(manifest: Manifest) -> str:
@@ -44,6 +71,21 @@ def manifest_digest(manifest: Manifest) -> str:
     h.update(manifest.labels.astype(np.int32).tobytes())
     h.update(manifest.split.astype(np.int8).tobytes())
     return h.hexdigest()[:32]
+
+
+def _reads(method: F) -> F:
+    """A read that fails on a damaged chunk (checksum, undecodable bytes) says so in one
+    StoreError line naming the chunk and the fix, not a zarr traceback."""
+    @functools.wraps(method)
+    def wrapper(self: "FeatureStore", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except DeeptransferError:
+            raise
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise self.read_error(exc) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 class FeatureStore:
@@ -58,6 +100,10 @@ class FeatureStore:
             raise StoreError(f"{url!r} is not a deeptransfer feature store "
                              f"(format {attrs.get('format')!r}, expected {FORMAT!r}).")
         self.attrs: dict[str, Any] = attrs
+        #: True when create_store reopened it to resume (or reuse) instead of creating it
+        self.reused = False
+        self._writable: dict[str, Any] = {}
+        self._key_cache: dict[str, list[str]] = {}
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -87,39 +133,184 @@ class FeatureStore:
     def __getitem__(self, name: str) -> Any:
         return self.group[name]
 
+    def _w(self, name: str) -> Any:
+        """Array ``name`` for writing: every chunk is stored, even one equal to the fill."""
+        arr = self._writable.get(name)
+        if arr is None:
+            arr = self._writable[name] = self.group[name].with_config(WRITE_ALL)
+        return arr
+
     # -- featurize side ---------------------------------------------------------------------
+    @_reads
     def pending_chunks(self) -> list[int]:
         """Chunks without a completion marker, in order."""
         return [int(i) for i in np.flatnonzero(~self.group["done"][:])]
 
+    @_reads
     def chunk_paths(self, chunk: int) -> list[str]:
         start, stop = self.chunk_bounds(chunk)
         return [str(p) for p in self.group["paths"][start:stop]]
 
     def write_chunk(self, chunk: int, features: np.ndarray, ok: np.ndarray,
                     reasons: Sequence[str]) -> None:
-        """Write one chunk's rows, then its marker. Safe to repeat."""
+        """Write one chunk's rows, then its marker. Safe to repeat.
+
+        Each chunk file is replaced atomically (zarr's LocalStore writes a temp file and
+        renames it; object stores put whole objects), and the marker is written only once
+        the three data writes returned, so a failed write (a full disk) leaves the chunk
+        pending. A chunk torn by a power cut despite that fails its checksum, which
+        featurize verifies before it trusts a marker."""
         start, stop = self.chunk_bounds(chunk)
         n = stop - start
         if features.shape != (n, self.feature_dim) or len(ok) != n or len(reasons) != n:
             raise StoreError(f"chunk {chunk} expects {n} rows of width {self.feature_dim}; got "
                              f"{features.shape}, {len(ok)} flags, {len(reasons)} reasons")
-        dtype = self.group["features"].dtype
-        self.group["features"][start:stop] = features.astype(dtype, copy=False)
-        self.group["ok"][start:stop] = np.asarray(ok, dtype=bool)
-        self.group["reasons"][start:stop] = np.array(list(reasons), dtype=object).astype(str)
-        self.group["done"][chunk] = True  # last: a chunk is complete only once its rows are
+        with write_errors(self.url):
+            dtype = self.group["features"].dtype
+            self._w("features")[start:stop] = features.astype(dtype, copy=False)
+            self._w("ok")[start:stop] = np.asarray(ok, dtype=bool)
+            self._w("reasons")[start:stop] = np.array(list(reasons), dtype=object).astype(str)
+            self._w("done")[chunk] = True  # last: a chunk is complete only once its rows are
+
+    # -- integrity ----------------------------------------------------------------------------
+    def _keys(self, name: str) -> list[str]:
+        """The chunk key of each chunk of array ``name``, in chunk order."""
+        keys = self._key_cache.get(name)
+        if keys is None:
+            arr = self.group[name]
+            enc = arr.metadata.encode_chunk_key
+            keys = [f"{name}/{enc((c,) + (0,) * (arr.ndim - 1))}" for c in range(self.n_chunks)]
+            self._key_cache[name] = keys
+        return keys
+
+    def _stored_keys(self) -> set[str]:
+        """Keys of the chunk files that exist: one listing, no data read."""
+        p = place(self.url, self.storage_options)
+        base = p.path.rstrip("/") + "/"
+        return {k[len(base):] for k in p.fs.find(p.path) if k.startswith(base)}
+
+    def _missing(self, done: np.ndarray, stored: set[str]) -> dict[int, set[str]]:
+        """Chunk -> arrays whose chunk file must exist but does not."""
+        out: dict[int, set[str]] = {}
+        every = self.attrs.get("chunk_files") == "all"
+        ok_legacy = None if every else self.group["ok"][:]
+        for c in range(self.n_chunks):
+            need = list(MANIFEST_ARRAYS) if every else ["paths"]  # a path is never ""
+            if done[c]:
+                if every:
+                    need += RESULT_ARRAYS
+                elif self._keys("ok")[c] not in stored:
+                    need.append("reasons")  # all rows skipped: each has a reason
+                else:  # older store: only what its values say must have been written
+                    a, b = self.chunk_bounds(c)
+                    need += ["features"] if ok_legacy[a:b].any() else []
+                    need += ["reasons"] if not ok_legacy[a:b].all() else []
+            gone = {n for n in need if self._keys(n)[c] not in stored}
+            if gone:
+                out[c] = gone
+        return out
+
+    def _corrupt(self, stored: set[str]) -> dict[int, set[str]]:
+        """Chunk -> arrays whose stored chunk fails its checksum (or, in a store without
+        checksums, does not decode). Reads every chunk file: for featurize and errors."""
+        import google_crc32c  # zarr's own crc32c dependency
+        from zarr.codecs import Crc32cCodec
+
+        p = place(self.url, self.storage_options)
+        out: dict[int, set[str]] = {}
+        for name in RESULT_ARRAYS + MANIFEST_ARRAYS + ("done",):
+            arr = self.group[name]
+            keys = {k: c for c, k in enumerate(self._keys(name)) if k in stored}
+            if isinstance(arr.metadata.codecs[-1], Crc32cCodec):
+                for k, c in keys.items():
+                    b = p.fs.cat_file(p.join(k))
+                    if len(b) < 4 or google_crc32c.value(b[:-4]) != int.from_bytes(b[-4:], "little"):
+                        out.setdefault(c, set()).add(name)
+            else:
+                for c in keys.values():
+                    try:
+                        arr.blocks[c]
+                    except Exception:  # noqa: BLE001 - any decode failure is damage
+                        out.setdefault(c, set()).add(name)
+        return out
+
+    def _describe(self, damage: Mapping[int, set[str]]) -> str:
+        parts = []
+        for c in sorted(damage)[:5]:
+            a, b = self.chunk_bounds(c)
+            parts.append(f"rows {a}-{b - 1} ({', '.join(sorted(damage[c]))})")
+        more = f" and {len(damage) - 5} more chunks" if len(damage) > 5 else ""
+        return (f"The feature store {self.url!r} is damaged: chunk files are missing or corrupt "
+                f"for {'; '.join(parts)}{more}. Run featurize again with the same arguments: "
+                f"it recomputes only those chunks.")
+
+    def check_whole(self) -> None:
+        """Refuse a store with a chunk file missing that its done markers say must exist
+        (a listing of the keys: no data is read). StoreError names the rows and the fix."""
+        try:
+            done = self.group["done"][:]
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise self.read_error(exc) from exc
+        missing = self._missing(done, self._stored_keys())
+        if missing:
+            raise StoreError(self._describe(missing))
+
+    def read_error(self, exc: BaseException) -> StoreError:
+        """The StoreError for a failed read: the damaged chunks when a check finds them."""
+        try:
+            damage = self._corrupt(self._stored_keys())
+        except Exception:  # noqa: BLE001 - the original error is what is left to report
+            damage = {}
+        if damage:
+            return StoreError(self._describe(damage))
+        return StoreError(f"Cannot read the feature store {self.url!r}: "
+                          f"{exc.__class__.__name__}: {exc}")
+
+    def repair(self, manifest: Manifest) -> list[int]:
+        """Before featurize resumes: verify every chunk, rewrite damaged row arrays from the
+        manifest (their source) and clear the done marker of chunks whose features, flags or
+        reasons are damaged, so they are computed again. Returns the chunks that were damaged."""
+        stored = self._stored_keys()
+        damage = self._corrupt(stored)
+        with write_errors(self.url):
+            p = place(self.url, self.storage_options)
+            for key in filter(is_temp_key, stored):  # no task of this job has started yet
+                p.fs.rm_file(p.join(key))
+            for c, names in damage.items():
+                if names & {*RESULT_ARRAYS, "done"}:
+                    self._w("done")[c] = False  # rewrites a torn marker too
+            done = self.group["done"][:]
+            for c, names in self._missing(done, stored).items():
+                damage.setdefault(c, set()).update(names)
+            for c, names in sorted(damage.items()):
+                a, b = self.chunk_bounds(c)
+                if "labels" in names:
+                    self._w("labels")[a:b] = manifest.labels[a:b]
+                if "split" in names:
+                    self._w("split")[a:b] = manifest.split[a:b]
+                if "paths" in names:
+                    self._w("paths")[a:b] = np.array(manifest.paths[a:b])
+                if names & set(RESULT_ARRAYS) and done[c]:
+                    self._w("done")[c] = False
+        return sorted(damage)
 
     # -- training / evaluation side -----------------------------------------------------------
+    @_reads
     def is_complete(self) -> bool:
         return bool(self.group["done"][:].all())
 
+    def _done_rows(self) -> np.ndarray:
+        return np.repeat(self.group["done"][:], self.chunk_rows)[: self.n_rows]
+
+    @_reads
     def split_rows(self, split: str) -> np.ndarray:
-        """Rows of a split that were featurized successfully, in store order."""
+        """Rows of a split that were featurized successfully, in store order (rows of a
+        chunk without its done marker are not featurized, whatever its flags say)."""
         code = split_code(split)
-        mask = (self.group["split"][:] == code) & self.group["ok"][:]
+        mask = (self.group["split"][:] == code) & self.group["ok"][:] & self._done_rows()
         return np.flatnonzero(mask)
 
+    @_reads
     def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Features (float32) and labels (int64) of the given rows, in the given order."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -142,23 +333,43 @@ class FeatureStore:
         y[order] = y_sorted
         return x, y
 
+    @_reads
     def skipped(self) -> list[tuple[str, str]]:
         """(path, reason) of every row that was skipped."""
         ok = self.group["ok"][:]
-        done_rows = np.repeat(self.group["done"][:], self.chunk_rows)[: self.n_rows]
-        bad = np.flatnonzero(~ok & done_rows)
+        bad = np.flatnonzero(~ok & self._done_rows())
         if bad.size == 0:
             return []
         paths = self.group["paths"].oindex[bad]
         reasons = self.group["reasons"].oindex[bad]
         return [(str(p), str(r)) for p, r in zip(paths, reasons)]
 
-    def summary(self) -> dict[str, Any]:
-        """What `deeptransfer info` prints."""
-        ok = self.group["ok"][:]
+    def writer(self) -> dict | None:
+        """The lock of another job writing this store now (None: none)."""
+        try:
+            return live_holder(place(self.url, self.storage_options))
+        except (ImportError, ValueError, OSError):
+            return None
+
+    def verify(self) -> None:
+        """``check_whole``, and every chunk's checksum (reads the whole store)."""
+        self.check_whole()
+        corrupt = self._corrupt(self._stored_keys())
+        if corrupt:
+            raise StoreError(self._describe(corrupt))
+
+    @_reads
+    def summary(self, verify: bool = False) -> dict[str, Any]:
+        """What `deeptransfer info` prints. A damaged store is a StoreError (a chunk file
+        missing; with ``verify``, also a checksum that fails, features included); a store
+        another job is writing is described as far as it is written, ``writer`` saying who."""
+        writer = self.writer()
+        if writer is None:
+            self.verify() if verify else self.check_whole()
+        ok = self.group["ok"][:] & self._done_rows()
         split = self.group["split"][:]
         done = self.group["done"][:]
-        return {
+        out = {
             "url": self.url,
             "rows": self.n_rows,
             "featurized": int(ok.sum()),
@@ -174,25 +385,34 @@ class FeatureStore:
             "versions": self.attrs.get("versions"),
             "bytes": store_nbytes(self.url, self.storage_options),
         }
+        if writer is not None:
+            out["writer"] = (f"being written by pid {writer.get('pid')} on host "
+                             f"{writer.get('host')} since {writer.get('started')}")
+        return out
 
 
 def store_nbytes(url: str, storage_options: Mapping | None = None) -> int:
     """Bytes the store occupies on its filesystem."""
-    import fsspec
+    from .fs import url_to_fs
 
-    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    fs, root = url_to_fs(url, storage_options)
     try:
         return int(fs.du(root, total=True))
     except (FileNotFoundError, NotImplementedError):
         return 0
 
 
-def _open_group(url: str, mode: str, storage_options: Mapping | None):
+def _open_group(url: str, mode: str, storage_options: Mapping | None, **kw: Any):
     zarr = _zarr()
-    kw: dict[str, Any] = {"mode": mode}
+    kw["mode"] = mode
     if storage_options and "://" in url:
         kw["storage_options"] = dict(storage_options)
-    return zarr.open_group(url, **kw)
+    try:
+        return zarr.open_group(url, **kw)
+    except ImportError as exc:  # s3:// without s3fs: one line naming the extra to install
+        from .fs import backend_missing
+
+        raise backend_missing(url, exc) from None
 
 
 def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mapping[str, Any],
@@ -201,7 +421,9 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
     """Create the store for a manifest, or reopen it to resume an unfinished run.
 
     An existing store is reused only when it was made from the same rows and the same
-    model/preprocessing; otherwise it is an error unless ``overwrite``.
+    model/preprocessing; otherwise it is an error unless ``overwrite``, which replaces a
+    feature store (its Zarr keys only) and nothing else: a path holding other files is
+    always refused.
     """
     if dtype not in ("float32", "float16"):
         raise InvalidParameterError(
@@ -213,38 +435,57 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
     identity = {"manifest_digest": digest, "model": attrs.get("model"),
                 "preprocess": attrs.get("preprocess"), "dtype": dtype,
                 "chunk_rows": chunk_rows, "feature_dim": feature_dim}
-    if not overwrite:
+    kind = check_store_target(url, overwrite=overwrite, storage_options=storage_options)
+    if kind == "store" and not overwrite:
         existing = _try_open(url, storage_options)
         if existing is not None:
             mine = {k: existing.attrs.get(k) for k in identity}
-            if json.loads(json.dumps(identity)) == mine:
+            want = json.loads(json.dumps(identity))
+            if want == mine:
+                existing.reused = True
                 return existing
             raise StoreError(
                 f"{url!r} already holds features of another dataset or model "
-                f"({', '.join(k for k in identity if mine.get(k) != json.loads(json.dumps(identity))[k])} "
-                f"differ). Use another store path, or overwrite=True (CLI: --overwrite).")
+                f"({', '.join(k for k in identity if mine.get(k) != want[k])} differ). Use "
+                f"another store path, or overwrite=True (CLI: --overwrite) to replace it.")
+    if kind in ("store", "partial"):  # replaced (or an interrupted create of ours redone)
+        remove_store(place(url, storage_options))
     try:
-        group = _open_group(url, "w", storage_options)
-    except Exception as exc:  # permissions, bad URL, read-only filesystem
+        # the group carries its "being created" mark from its first write: an interrupted
+        # create is recognised as ours (and redone) rather than refused as a foreign folder
+        group = _open_group(url, "a", storage_options, attributes={PENDING_ATTR: FORMAT})
+    except OSError as exc:  # permissions, read-only filesystem, a full disk
+        raise os_error(url, exc, "create") from exc
+    except DeeptransferError:  # a missing fsspec backend, said in its own words
+        raise
+    except Exception as exc:  # a bad URL
         raise StoreError(f"Cannot create the feature store at {url!r}: {exc}") from exc
     n = len(manifest)
     n_chunks = -(-n // chunk_rows)
     rc = (chunk_rows,)
+    kw = _codecs()
     try:
-        group.create_array("features", shape=(n, feature_dim), dtype=dtype,
-                           chunks=(chunk_rows, feature_dim), fill_value=0)
-        group.create_array("labels", shape=(n,), dtype="int32", chunks=rc)[:] = manifest.labels
-        group.create_array("split", shape=(n,), dtype="int8", chunks=rc)[:] = manifest.split
-        group.create_array("paths", shape=(n,), dtype=str, chunks=rc)[:] = np.array(manifest.paths)
-        group.create_array("ok", shape=(n,), dtype=bool, chunks=rc, fill_value=False)
-        group.create_array("reasons", shape=(n,), dtype=str, chunks=rc)
-        group.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False)
-        meta = {**dict(attrs), **identity, "format": FORMAT, "classes": list(manifest.classes),
-                "splits": list(SPLITS), "dataset": manifest.root,
-                "dataset_warnings": list(manifest.warnings)}
-        # attributes last: a store without them is not yet a store, so an interrupted
-        # create is redone rather than resumed
-        group.attrs.update(json.loads(json.dumps(meta)))
+        with write_errors(url):
+            group.create_array("features", shape=(n, feature_dim), dtype=dtype,
+                               chunks=(chunk_rows, feature_dim), fill_value=0, **kw)
+            group.create_array("labels", shape=(n,), dtype="int32", chunks=rc,
+                               **kw)[:] = manifest.labels
+            group.create_array("split", shape=(n,), dtype="int8", chunks=rc,
+                               **kw)[:] = manifest.split
+            group.create_array("paths", shape=(n,), dtype=str, chunks=rc,
+                               **kw)[:] = np.array(manifest.paths)
+            group.create_array("ok", shape=(n,), dtype=bool, chunks=rc, fill_value=False, **kw)
+            group.create_array("reasons", shape=(n,), dtype=str, chunks=rc, **kw)
+            group.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,),
+                               fill_value=False, **kw)
+            meta = {**dict(attrs), **identity, "format": FORMAT, "classes": list(manifest.classes),
+                    "splits": list(SPLITS), "dataset": manifest.root, "chunk_files": "all",
+                    "dataset_warnings": list(manifest.warnings)}
+            # attributes last: a store without them is not yet a store, so an interrupted
+            # create is redone rather than resumed
+            group.attrs.put(json.loads(json.dumps(meta)))
+    except StoreError:
+        raise
     except Exception as exc:
         raise StoreError(f"Cannot write the feature store at {url!r}: {exc}") from exc
     return FeatureStore(url, group, storage_options)
@@ -253,6 +494,8 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
 def _try_open(url: str, storage_options: Mapping | None) -> FeatureStore | None:
     try:
         group = _open_group(url, "r+", storage_options)
+    except DeeptransferError:
+        raise
     except Exception:
         return None
     if dict(group.attrs).get("format") != FORMAT:
@@ -260,15 +503,26 @@ def _try_open(url: str, storage_options: Mapping | None) -> FeatureStore | None:
     return FeatureStore(url, group, storage_options)
 
 
-def open_store(url: str, *, storage_options: Mapping | None = None,
-               mode: str = "r") -> FeatureStore:
-    """Open an existing feature store (mode "r" or "r+")."""
+def open_store(url: str, *, storage_options: Mapping | None = None, mode: str = "r",
+               check: bool | None = None) -> FeatureStore:
+    """Open an existing feature store (mode "r" or "r+").
+
+    ``check`` (default: for mode "r") refuses, in one StoreError line, a store another job
+    is writing and a damaged one (a chunk file missing; see ``FeatureStore.check_whole``)."""
     try:
         group = _open_group(url, mode, storage_options)
+    except DeeptransferError:  # a missing fsspec backend, said in its own words
+        raise
     except Exception as exc:
         raise StoreError(f"No feature store at {url!r} ({exc.__class__.__name__}: {exc}). "
                          f"Create one with `deeptransfer featurize DATASET {url}`.") from exc
-    return FeatureStore(url, group, storage_options)
+    st = FeatureStore(url, group, storage_options)
+    if check if check is not None else mode == "r":
+        writer = st.writer()
+        if writer is not None:
+            raise StoreError(holder_message(url, place(url, storage_options), writer))
+        st.check_whole()
+    return st
 
 
 _cache_lock = threading.Lock()
@@ -276,12 +530,14 @@ _cache: dict[tuple[str, str, str], FeatureStore] = {}
 
 
 def cached_store(url: str, storage_options: Mapping | None = None, mode: str = "r") -> FeatureStore:
-    """Open a store once per worker process (tasks of a job share the handle)."""
+    """Open a store once per worker process (tasks of a job share the handle). Not checked
+    again: the driver checked it (``open_store``) before it sent any task."""
     key = (url, json.dumps(dict(storage_options or {}), sort_keys=True), mode)
     with _cache_lock:
         st = _cache.get(key)
         if st is None:
-            st = _cache[key] = open_store(url, storage_options=storage_options, mode=mode)
+            st = _cache[key] = open_store(url, storage_options=storage_options, mode=mode,
+                                          check=False)
         return st
 
 
