@@ -213,41 +213,34 @@ class TransferModel:
         return Pipeline(backbone, self.head, self.views).eval()
 
     def export(self, path: str | os.PathLike, *, format: str = "torchscript") -> Path:  # noqa: A002
-        """Export the whole pipeline for serving (input: preprocessed NCHW float32 images).
+        """Export the whole pipeline for serving (input: preprocessed NCHW float32 images,
+        ``crop x crop``, any batch size; output: class probabilities).
 
         The preprocessing (resize, crop, mean, std) and the class names are written beside it
-        as ``<path>.json``.
+        as ``<path>.json``. An existing file is replaced only if it is an earlier export, and
+        nothing is written into the model directory.
         """
         import torch
+
+        from .models.export import (check_export_target, export_onnx, export_torchscript,
+                                    write_sidecar)
 
         if format not in ("torchscript", "onnx"):
             raise InvalidParameterError(
                 f"The 'format' parameter must be one of 'torchscript', 'onnx'. Got {format!r}.")
+        path = Path(path)
+        check_export_target(path, protected=self.dir)
         module = self.pipeline_module()
         crop = self.preprocess.crop
         example = torch.zeros(1, 3, crop, crop)
-        path = Path(path)
-        with torch.inference_mode():
-            if format == "torchscript":
-                traced = torch.jit.trace(module, example, check_trace=False)
-                traced.save(str(path))
-            else:
-                try:
-                    torch.onnx.export(module, (example,), str(path), input_names=["image"],
-                                      output_names=["probabilities"],
-                                      dynamic_axes={"image": {0: "batch"},
-                                                    "probabilities": {0: "batch"}},
-                                      dynamo=False)
-                except (ImportError, ModuleNotFoundError) as exc:
-                    from .errors import EngineUnavailableError
-
-                    raise EngineUnavailableError(
-                        f"ONNX export needs the onnx package: pip install 'deeptransfer[onnx]' "
-                        f"({exc})") from exc
-        Path(str(path) + ".json").write_text(json.dumps(
-            {"preprocess": self.preprocess.to_dict(), "classes": self.classes,
-             "input": f"float32 NCHW, 3 x {crop} x {crop}, normalized", "output": "probabilities"},
-            indent=2))
+        if format == "torchscript":
+            export_torchscript(module, example, path)
+        else:
+            export_onnx(module, example, path, input_name="image", output_name="probabilities")
+        write_sidecar(path, {
+            "model": self.spec.to_dict(), "views": self.views,
+            "preprocess": self.preprocess.to_dict(), "classes": self.classes,
+            "input": f"float32 NCHW, 3 x {crop} x {crop}, normalized", "output": "probabilities"})
         return path
 
 
