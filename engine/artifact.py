@@ -35,7 +35,7 @@ def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray]
     d = Path(model_dir)
     make_dirs(d)
     # safetensors' own save_file writes 0600; the bytes go through our writer instead
-    atomic_write(d / HEAD, save({k: np.ascontiguousarray(v, dtype=np.float32)
+    atomic_write(d / HEAD, save({k: np.require(v, dtype=np.float32, requirements="C")
                                  for k, v in params.items()}, metadata={"format": FORMAT}))
     config = {
         "format": FORMAT,

@@ -63,6 +63,23 @@ def test_evaluate_json(run, capsys, tmp_path):
     assert "mean_per_class" in (tmp_path / "rep" / "metrics.json").read_text()
 
 
+def test_a_batch_norm_head_saves_and_loads(run, tmp_path):
+    """Every head kind round-trips through the model directory: batch norm's 0-d
+    ``num_batches_tracked`` must stay 0-d (a (1,) copy made the directory unloadable)."""
+    data, store, _ = run
+    model = str(tmp_path / "bn")
+    assert main(["train", store, model, "--workers", "1", "--epochs", "2", "--head", "mlp",
+                 "--hidden", "16", "--batch-norm", "--json"]) == 0
+    loaded = dt.load(model)
+    counters = [k for k in loaded.params if k.endswith("num_batches_tracked")]
+    assert counters and all(loaded.params[k].shape == () for k in counters), \
+        {k: loaded.params[k].shape for k in counters}
+    preds = [p for p in loaded.predict(sorted(str(p) for p in (data / "cat").iterdir()))
+             if p.error is None]  # the folder holds bad files too
+    assert preds and all(p.label in loaded.classes for p in preds)
+    assert 0 <= dt.evaluate(model, store, split="test", workers=0)["top1"] <= 1
+
+
 def test_predict_real_photos_and_bad_files(run, capsys):
     data, _, model = run
     m = dt.load(model)
