@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InvalidParameterError, StoreError, check_choice, check_float, check_int
-from ..evaluation import cross_entropy, metrics, predict_split
+from ..evaluation import cross_entropy, metrics, predict_split, topk_key
 from ..executor import Executor
 from ..store import open_store
 from .averaging import RoundState, average, combine, fit_shard
@@ -456,7 +456,8 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
                                      block_rows=cfg.val_block_rows, cache_bytes=cfg.cache_bytes)
                 val_m = metrics(pred.labels, pred.logits, classes)
                 val_m["loss"] = cross_entropy(pred.labels, pred.logits)
-                entry.update(val_top1=val_m["top1"], val_top5=val_m["top5"],
+                top = topk_key(val_m)  # top5, or top{k} with fewer than 5 classes
+                entry.update(val_top1=val_m["top1"], **{f"val_{top}": val_m[top]},
                              val_mean_per_class=val_m["mean_per_class"], val_loss=val_m["loss"])
                 score = _monitor_value(cfg.monitor, entry)
                 best = st["best"]
