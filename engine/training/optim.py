@@ -58,8 +58,8 @@ class OptimizerConfig:
         check_float("momentum", self.momentum, low=0.0, high=0.999, where=w)
         if self.name == "nesterov" and self.momentum == 0:
             raise InvalidParameterError(
-                "Nesterov momentum needs momentum > 0 (got momentum=0): use name='sgd' "
-                "(CLI: --optimizer sgd) for plain SGD.", param="momentum")
+                "Nesterov momentum needs momentum > 0 (got momentum=0): use name='sgd' for "
+                "plain SGD (CLI: --optimizer sgd).", param="momentum")
         betas = self.betas
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise InvalidParameterError(
