@@ -63,7 +63,6 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     defaults to the engine's (``cuda`` on dask-cuda, else ``cpu``).
     """
     from .dataset import check_dataset_options, load_dataset
-    from .models import ModelSpec
 
     check_engine(engine, engine_options)
     # every mistake is found before an engine or a worker starts (that costs seconds):

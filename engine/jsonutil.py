@@ -7,10 +7,9 @@ first, and the encoder runs with ``allow_nan=False`` so that nothing slips throu
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import IO, Any
-
-import json
 
 
 def finite(obj: Any) -> Any:
