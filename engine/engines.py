@@ -64,7 +64,8 @@ def _check_options(engine: str, cls: Any, options: Mapping[str, Any]) -> None:
         known = ", ".join(n for n, p in params.items() if n != "self"
                           and p.kind is not inspect.Parameter.VAR_POSITIONAL)
         raise InvalidParameterError(
-            f"The {engine!r} engine has no option {opt!r}; its options are: {known}.", param=opt)
+            f"Bad option for the {engine!r} engine: it has no option {opt!r}; its options "
+            f"are: {known}.", param=opt)
 
 
 def check_engine(engine: "str | Executor", options: Mapping[str, Any] | None = None) -> None:
