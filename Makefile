@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/deeptransfer demo
+	@echo "to use deeptransfer in this shell, activate its environment: . $(VENV)/bin/activate"
 
 test: install
 	$(BIN)/python -m pytest

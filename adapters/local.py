@@ -11,17 +11,45 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Sequence
 
 from deeptransfer.executor import BaseExecutor, tree_combine
-from deeptransfer.errors import TaskError, check_int
+from deeptransfer.errors import EngineStartError, TaskError, check_int
 from deeptransfer.workerenv import ENV_LOCK, malloc_environ, preserved_environ, thread_environ
 
 
+#: exit code of a spawned child whose re-import of the main module started a job (see
+#: _refuse_start_while_bootstrapping); the driver turns it into one clear message
+BOOTSTRAP_EXIT = 87
+IMPORT_TIME_JOB = (
+    "the local engine's worker processes could not start: your script starts a job at import "
+    "time; put it under `if __name__ == \"__main__\":` (Python's multiprocessing spawn "
+    "re-imports the main module)")
+
+
+def _bootstrapping() -> bool:
+    """True in a spawned child that is still importing the parent's main module."""
+    # multiprocessing's own test for this (context.py, _check_not_importing_main)
+    return bool(getattr(mp.process.current_process(), "_inheriting", False))
+
+
+def _refuse_start_while_bootstrapping() -> None:
+    """A job started at import time runs again in every spawned worker, which would start
+    workers of its own: leave quietly with a code the driver recognises, instead of
+    multiprocessing's RuntimeError traceback once per worker."""
+    if _bootstrapping():
+        sys.stderr.flush()
+        raise SystemExit(BOOTSTRAP_EXIT)
+
+
 def _worker_main(conn: Connection, threads: int) -> None:
+    # the hand-shake: this process got through multiprocessing's bootstrapping phase (the
+    # re-import of the main module); a worker that dies before it never started
+    conn.send(("ready",))
     # Thread counts must be set before torch/numba start their pools (OpenMP's and BLAS's
     # came with the environment the worker was spawned with: workerenv.thread_environ)
     os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
@@ -71,6 +99,36 @@ class _Worker:
         self.conn = parent
         self.job_with_shared: int | None = None
         self.busy: int | None = None  # task index in flight
+        self.ready = False  # its hand-shake arrived
+
+    def recv(self) -> Any:
+        """The next message that is not the hand-shake; None when only that was waiting."""
+        msg = self.conn.recv()
+        if msg[0] == "ready":
+            self.ready = True
+            return self.conn.recv() if self.conn.poll() else None
+        return msg
+
+    def check_started(self) -> None:
+        """After the worker died: raise if it died before its hand-shake with an error of its
+        own (killed by a signal is a death like any other, retried)."""
+        if self.ready:
+            return
+        try:  # the hand-shake may be waiting in the pipe behind the death
+            while self.conn.poll():
+                if self.conn.recv()[0] == "ready":
+                    self.ready = True
+                    return
+        except (EOFError, OSError):
+            pass
+        self.proc.join(timeout=5)
+        code = self.proc.exitcode
+        if code == BOOTSTRAP_EXIT:
+            raise EngineStartError(IMPORT_TIME_JOB) from None
+        if code is not None and code > 0:
+            raise EngineStartError(
+                f"the local engine's worker process exited with code {code} while starting, "
+                f"before it could run a task (its error is printed above)") from None
 
     def stop(self) -> None:
         try:
@@ -95,6 +153,7 @@ class LocalExecutor(BaseExecutor):
 
     def __init__(self, n_workers: int | None = None, *, threads_per_worker: int | None = None,
                  max_retries: int = 2, malloc_tunables: bool = True):
+        _refuse_start_while_bootstrapping()
         cores = os.cpu_count() or 1
         self.n_workers = cores if n_workers is None else check_int(
             "workers", n_workers, low=0, where="the local engine")
@@ -190,6 +249,7 @@ class LocalExecutor(BaseExecutor):
                                  shared if send_shared else None))
                     break
                 except (BrokenPipeError, ConnectionError, OSError):
+                    w.check_started()
                     if attempt:
                         raise
                     w = self._restart(w)  # it died while idle: a fresh one takes the task
@@ -198,6 +258,7 @@ class LocalExecutor(BaseExecutor):
 
         for w in list(self._workers):  # replace workers that died between jobs
             if not w.proc.is_alive():
+                w.check_started()
                 self._restart(w)
         try:
             for w in list(self._workers):
@@ -209,9 +270,10 @@ class LocalExecutor(BaseExecutor):
                 for conn in wait(list(conns), timeout=1.0) or []:
                     w = conns[conn]
                     try:
-                        kind, i, payload = conn.recv()
+                        msg = w.recv()
                     except (EOFError, OSError, ConnectionError):
                         # the worker died mid-task: restart it and run the task again
+                        w.check_started()
                         i = w.busy
                         assert i is not None
                         retries[i] += 1
@@ -222,6 +284,9 @@ class LocalExecutor(BaseExecutor):
                         (queues[w.slot] if affinity is not None else common).appendleft(i)
                         feed(w)
                         continue
+                    if msg is None:  # only the hand-shake
+                        continue
+                    kind, i, payload = msg
                     w.busy = None
                     if kind == "err":
                         exc, tb = payload
@@ -234,6 +299,7 @@ class LocalExecutor(BaseExecutor):
                     yield i, payload
                 for w in list(self._workers):  # a worker that died while idle in wait()
                     if w.busy is not None and not w.proc.is_alive() and not w.conn.poll():
+                        w.check_started()
                         i = w.busy
                         retries[i] += 1
                         if retries[i] > self.max_retries:
@@ -251,9 +317,11 @@ class LocalExecutor(BaseExecutor):
             if w.busy is None:
                 continue
             try:
-                if w.conn.poll(60):
-                    w.conn.recv()
-                    w.busy = None
+                while w.conn.poll(60):
+                    if w.recv() is not None:  # its result (not only the hand-shake)
+                        w.busy = None
+                        break
+                if w.busy is None:
                     continue
             except (EOFError, OSError):
                 pass

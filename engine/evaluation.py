@@ -5,7 +5,8 @@
 the store itself and returns the head's logits, so only parameters and small specs travel.
 
 ``metrics`` follows scikit-learn's definitions (the tests check it against them): top-1,
-top-5, mean per-class accuracy (the mean recall over the classes present, i.e.
+top-k (k = 5, or the number of classes when fewer; the key says its k: ``top5``, ``top3``),
+mean per-class accuracy (the mean recall over the classes present, i.e.
 ``balanced_accuracy_score``), per-class precision / recall / F1 / support (0 where
 undefined), and the confusion matrix (rows: true class, columns: predicted).
 """
@@ -62,7 +63,7 @@ def metrics(y_true: np.ndarray, scores: np.ndarray, classes: Sequence[str]) -> d
     return {
         "n": int(n),
         "top1": top1,
-        "top5": topk,
+        f"top{k}": topk,
         "top_k": k,
         "mean_per_class": mean_per_class,
         "macro_precision": float(precision.mean()) if c else float("nan"),
@@ -72,6 +73,36 @@ def metrics(y_true: np.ndarray, scores: np.ndarray, classes: Sequence[str]) -> d
         "confusion": cm.tolist(),
         "classes": [str(x) for x in classes],
     }
+
+
+def topk_key(m: Mapping[str, Any]) -> str:
+    """The key of the top-k accuracy in ``metrics(...)``: ``top5``, or ``top{k}`` for fewer classes."""
+    return f"top{m.get('top_k', 5)}"
+
+
+def headline(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The headline numbers of ``metrics(...)``: n, top1, top{k} with its k, mean per-class."""
+    key = topk_key(m)
+    return {k: m[k] for k in ("n", "top1", key, "top_k", "mean_per_class") if k in m}
+
+
+def split_counts(store: Any) -> dict[str, int]:
+    """Featurized rows per split of a feature store."""
+    from .dataset import SPLITS
+
+    return {s: len(store.split_rows(s)) for s in SPLITS}
+
+
+def check_split_has_rows(store: Any, split: str, store_url: str) -> None:
+    """An empty split is an error naming the splits that have rows (an empty evaluation has
+    no metrics: it would report NaN)."""
+    counts = split_counts(store)
+    if counts.get(split, 0) == 0:
+        have = ", ".join(f"{s} ({n} rows)" for s, n in counts.items() if n) or "none"
+        raise InvalidParameterError(
+            f"The {split!r} split of {store_url!r} has no featurized rows; the splits with rows "
+            f"are: {have}. Choose one of those (CLI: --split), or featurize with a split that "
+            f"has a {split} part.", param="split")
 
 
 def cross_entropy(y_true: np.ndarray, logits: np.ndarray) -> float:
@@ -173,6 +204,7 @@ def evaluate(executor: Executor, store_url: str, params: Mapping[str, np.ndarray
     from .store import cached_store
 
     store = cached_store(store_url, storage_options)
+    check_split_has_rows(store, split, store_url)
     p = predict_split(executor, store_url, params, head_config, split,
                       storage_options=storage_options, block_rows=block_rows)
     m = metrics(p.labels, p.logits, store.classes)
@@ -189,7 +221,8 @@ def format_report(m: Mapping[str, Any], *, title: str | None = None, digits: int
     lines = []
     if title:
         lines += [title, "=" * len(title)]
-    head = f"n={m['n']}  top1={m['top1']:.{digits}f}  top{m.get('top_k', 5)}={m['top5']:.{digits}f}  " \
+    key = topk_key(m)
+    head = f"n={m['n']}  top1={m['top1']:.{digits}f}  {key}={m[key]:.{digits}f}  " \
            f"mean per-class={m['mean_per_class']:.{digits}f}"
     if "loss" in m:
         head += f"  loss={m['loss']:.{digits + 1}f}"

@@ -24,6 +24,7 @@ import struct
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import jsonutil
 from .errors import InvalidParameterError, StoreError
 from .files import TMP_MARK, atomic_target, atomic_write, is_temp_name
 
@@ -186,7 +187,7 @@ def write_report(report_dir: str | os.PathLike, m: Mapping[str, Any], text: str,
     """Write a report's three files atomically; ``plot(m, path)`` draws the confusion matrix."""
     d = Path(report_dir)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write(d / "metrics.json", json.dumps(m, indent=1))
+    atomic_write(d / "metrics.json", jsonutil.dumps(m, indent=1))
     atomic_write(d / "report.txt", text)
     with atomic_target(d / "confusion.png") as tmp:
         plot(m, tmp)

@@ -57,8 +57,8 @@ def test_evaluate_json(run, capsys, tmp_path):
     assert main(["evaluate", model, store, "--split", "test", "--json", "--workers", "0",
                  "--report", str(tmp_path / "rep")]) == 0
     m = json.loads(capsys.readouterr().out)
-    assert {"top1", "top5", "mean_per_class", "n"} <= set(m)
-    assert m["n"] == dt.info(store)["splits"]["test"] > 0 and 0 <= m["top1"] <= m["top5"] <= 1
+    assert {"top1", "top3", "top_k", "mean_per_class", "n"} <= set(m)  # 3 classes: top3
+    assert m["n"] == dt.info(store)["splits"]["test"] > 0 and 0 <= m["top1"] <= m["top3"] <= 1
     assert (tmp_path / "rep" / "confusion.png").exists()
     assert "mean_per_class" in (tmp_path / "rep" / "metrics.json").read_text()
 

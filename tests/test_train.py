@@ -688,7 +688,7 @@ def test_configs_round_trip_through_json():
     (lambda: TrainConfig(save_updater="yes"), r"'save_updater'.*bool"),
     (lambda: TrainConfig(class_weights="auto"), r"'class_weights'.*'balanced'"),
     (lambda: TrainConfig(monitor="acc"), r"'monitor'"),
-    (lambda: OptimizerConfig(lr=0), r"'lr'.*\(0.0, inf\]"),
+    (lambda: OptimizerConfig(lr=0), r"'lr'.*finite.*\(0.0, inf\)"),
     (lambda: OptimizerConfig(schedule="linear"), r"'schedule'"),
     (lambda: OptimizerConfig("nesterov", momentum=0.0), r"name='sgd' for plain SGD"),
     (lambda: HeadConfig("mlp"), r"at least one hidden layer"),

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .. import jsonutil
 from ..errors import DeeptransferError, EngineUnavailableError, InvalidParameterError
 
 __all__ = ["ExportError", "export_onnx", "export_torchscript", "quiet_exporter",
@@ -212,5 +213,5 @@ def check_export_target(path: str | os.PathLike, *, protected: str | os.PathLike
 
 def write_sidecar(path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
     """Write ``<path>.json`` (atomically): what a server needs to feed the exported file."""
-    body = json.dumps({"format": SIDECAR_FORMAT, **meta}, indent=2)
+    body = jsonutil.dumps({"format": SIDECAR_FORMAT, **meta}, indent=2)
     return _write_atomically(sidecar_path(path), lambda tmp: Path(tmp).write_text(body))

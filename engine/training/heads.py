@@ -50,7 +50,7 @@ class HeadConfig:
         if not isinstance(hidden, (tuple, list)):
             raise InvalidParameterError(
                 f"The 'hidden' parameter of HeadConfig must be a tuple of ints (layer widths), "
-                f"e.g. (512,). Got {self.hidden!r} instead.")
+                f"e.g. (512,). Got {self.hidden!r} instead.", param="hidden")
         for h in hidden:
             check_int("hidden", h, low=1, where=w)
         object.__setattr__(self, "hidden", tuple(hidden))
@@ -59,19 +59,20 @@ class HeadConfig:
         if not isinstance(self.batch_norm, bool):
             raise InvalidParameterError(
                 f"The 'batch_norm' parameter of HeadConfig must be a bool. "
-                f"Got {self.batch_norm!r} instead.")
+                f"Got {self.batch_norm!r} instead.", param="batch_norm")
         if self.kind == "softmax" and self.hidden:
             raise InvalidParameterError(
                 f"A 'softmax' head has no hidden layers (got hidden={self.hidden!r}): use "
-                f"kind='mlp' for hidden layers.")
+                f"kind='mlp' (CLI: --head mlp) for hidden layers.", param="hidden")
         if self.kind == "softmax" and self.dropout:
             raise InvalidParameterError(
                 "'dropout' is the dropout after hidden layers, which a 'softmax' head does not "
-                "have: use input_dropout to drop features before the softmax layer.")
+                "have: use input_dropout (CLI: --input-dropout) to drop features before the "
+                "softmax layer, or kind='mlp' (CLI: --head mlp).", param="dropout")
         if self.kind == "mlp" and not self.hidden:
             raise InvalidParameterError(
-                "An 'mlp' head needs at least one hidden layer, e.g. hidden=(512,); "
-                "use kind='softmax' for a single Linear layer.")
+                "An 'mlp' head needs at least one hidden layer, e.g. hidden=(512,) (CLI: "
+                "--hidden 512); use kind='softmax' for a single Linear layer.", param="hidden")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -220,7 +221,7 @@ def check_class_weights(class_weights: Any, *, where: str = "TrainConfig") -> An
         return tuple(float(x) for x in class_weights)
     raise InvalidParameterError(
         f"The 'class_weights' parameter of {where} must be None, 'balanced' or a list of one "
-        f"non-negative weight per class. Got {class_weights!r} instead.")
+        f"non-negative weight per class. Got {class_weights!r} instead.", param="class_weights")
 
 
 def loss_fn(logits, targets, *, label_smoothing: float = 0.0,

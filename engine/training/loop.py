@@ -34,8 +34,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .. import jsonutil
 from ..errors import InvalidParameterError, StoreError, check_choice, check_float, check_int
-from ..evaluation import cross_entropy, metrics, predict_split
+from ..evaluation import cross_entropy, metrics, predict_split, topk_key
 from ..executor import Executor
 from ..files import append_line, atomic_write, make_dirs
 from ..modeldir import CHECKPOINT, CHECKPOINT_FORMAT, RUN_FILES, check_model_dir, remove_run_files
@@ -242,7 +243,7 @@ _STATE_KEYS = ("identity", "epoch", "round", "global_round", "iteration", "epoch
 
 
 def _write_json(path: str, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj))
+    atomic_write(path, jsonutil.dumps(obj))
 
 
 def _parses(line: str) -> dict[str, Any] | None:
@@ -612,7 +613,7 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
                     "compute_seconds": res.compute_s, "compute_seconds_total": res.compute_s_sum,
                     "round_seconds": round_s, "overhead_seconds": max(round_s - res.compute_s, 0.0),
                 }
-                append_line(rounds_path, json.dumps(record))
+                append_line(rounds_path, jsonutil.dumps(record))
                 st["round"] += 1
                 st["global_round"] += 1
                 st["iteration"] = record["iteration"]
@@ -642,7 +643,8 @@ def train_head(executor: Executor, store_url: str, config: TrainConfig | Mapping
                                      block_rows=cfg.val_block_rows, cache_bytes=cfg.cache_bytes)
                 val_m = metrics(pred.labels, pred.logits, classes)
                 val_m["loss"] = cross_entropy(pred.labels, pred.logits)
-                entry.update(val_top1=val_m["top1"], val_top5=val_m["top5"],
+                top = topk_key(val_m)  # top5, or top{k} with fewer than 5 classes
+                entry.update(val_top1=val_m["top1"], **{f"val_{top}": val_m[top]},
                              val_mean_per_class=val_m["mean_per_class"], val_loss=val_m["loss"])
                 score = _monitor_value(cfg.monitor, entry)
                 best = st["best"]

@@ -58,12 +58,13 @@ class OptimizerConfig:
         check_float("momentum", self.momentum, low=0.0, high=0.999, where=w)
         if self.name == "nesterov" and self.momentum == 0:
             raise InvalidParameterError(
-                "Nesterov momentum needs momentum > 0 (got momentum=0): use name='sgd' for plain SGD.")
+                "Nesterov momentum needs momentum > 0 (got momentum=0): use name='sgd' for "
+                "plain SGD (CLI: --optimizer sgd).", param="momentum")
         betas = self.betas
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise InvalidParameterError(
                 f"The 'betas' parameter of OptimizerConfig must be a pair of numbers in [0, 1), "
-                f"e.g. (0.9, 0.999). Got {betas!r} instead.")
+                f"e.g. (0.9, 0.999). Got {betas!r} instead.", param="betas")
         for b in betas:
             check_float("betas", b, low=0.0, high=0.9999, where=w)
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
