@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import sys
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection, wait
@@ -19,31 +18,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 from deeptransfer.executor import BaseExecutor, tree_combine
 from deeptransfer.errors import EngineStartError, TaskError, check_int
-from deeptransfer.workerenv import ENV_LOCK, malloc_environ, preserved_environ, thread_environ
+from deeptransfer.workerenv import (BOOTSTRAP_EXIT, ENV_LOCK, malloc_environ, preserved_environ,
+                                    refuse_start_while_bootstrapping, thread_environ)
 
 
-#: exit code of a spawned child whose re-import of the main module started a job (see
-#: _refuse_start_while_bootstrapping); the driver turns it into one clear message
-BOOTSTRAP_EXIT = 87
 IMPORT_TIME_JOB = (
     "the local engine's worker processes could not start: your script starts a job at import "
     "time; put it under `if __name__ == \"__main__\":` (Python's multiprocessing spawn "
     "re-imports the main module)")
-
-
-def _bootstrapping() -> bool:
-    """True in a spawned child that is still importing the parent's main module."""
-    # multiprocessing's own test for this (context.py, _check_not_importing_main)
-    return bool(getattr(mp.process.current_process(), "_inheriting", False))
-
-
-def _refuse_start_while_bootstrapping() -> None:
-    """A job started at import time runs again in every spawned worker, which would start
-    workers of its own: leave quietly with a code the driver recognises, instead of
-    multiprocessing's RuntimeError traceback once per worker."""
-    if _bootstrapping():
-        sys.stderr.flush()
-        raise SystemExit(BOOTSTRAP_EXIT)
 
 
 def _worker_main(conn: Connection, threads: int) -> None:
@@ -153,7 +135,7 @@ class LocalExecutor(BaseExecutor):
 
     def __init__(self, n_workers: int | None = None, *, threads_per_worker: int | None = None,
                  max_retries: int = 2, malloc_tunables: bool = True):
-        _refuse_start_while_bootstrapping()
+        refuse_start_while_bootstrapping()
         cores = os.cpu_count() or 1
         self.n_workers = cores if n_workers is None else check_int(
             "workers", n_workers, low=0, where="the local engine")

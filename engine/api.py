@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
 from .engines import check_engine, get_executor
+from .workerenv import refuse_start_while_bootstrapping
 from .executor import Executor
 from .featurization import FeaturizeReport, run_featurize
 
@@ -62,6 +63,7 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     Resumable: a rerun computes only the chunks a killed run left unfinished. ``device``
     defaults to the engine's (``cuda`` on dask-cuda, else ``cpu``).
     """
+    refuse_start_while_bootstrapping()  # a job in a script without a __main__ guard
     from .dataset import check_dataset_options, load_dataset
     from .storesafety import check_store_target
 
@@ -229,6 +231,7 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     ``model_dir`` must be new, empty or a model directory (see ``deeptransfer.modeldir``).
     A rerun of a finished run trains and writes nothing (``result.reused``).
     """
+    refuse_start_while_bootstrapping()  # a job in a script without a __main__ guard
     from dataclasses import replace
 
     from .artifact import save_model, saved_model_matches
@@ -292,6 +295,7 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     earlier report: ``deeptransfer.modeldir`` has the rule). Nothing is written into the model
     directory or the store (they may be read-only).
     """
+    refuse_start_while_bootstrapping()  # a job in a script without a __main__ guard
     from . import evaluation as ev
     from .artifact import load
     from .errors import InvalidParameterError

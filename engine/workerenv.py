@@ -70,3 +70,28 @@ def thread_environ(threads: int) -> dict[str, str]:
     """OpenMP/BLAS thread counts for a worker, set before its thread pools start."""
     t = str(threads)
     return {"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t}
+
+
+#: exit code of a spawned child whose re-import of the main module started a job (see
+#: refuse_start_while_bootstrapping); the local engine's driver turns it into one clear message
+BOOTSTRAP_EXIT = 87
+
+
+def bootstrapping() -> bool:
+    """True in a spawned child that is still importing the parent's main module."""
+    import multiprocessing as mp
+
+    # multiprocessing's own test for this (context.py, _check_not_importing_main)
+    return bool(getattr(mp.process.current_process(), "_inheriting", False))
+
+
+def refuse_start_while_bootstrapping() -> None:
+    """A job started at import time runs again in every spawned worker, which would check
+    and lock its store and start workers of its own: leave quietly with a code the driver
+    recognises, instead of multiprocessing's RuntimeError traceback once per worker. Called
+    first by every job of the API and by engines that spawn processes."""
+    if bootstrapping():
+        import sys
+
+        sys.stderr.flush()
+        raise SystemExit(BOOTSTRAP_EXIT)
