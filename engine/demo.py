@@ -74,7 +74,7 @@ def _run_jobs(ex: Any, out: Path, data: Path, workers: int, epochs: int, progres
     best = result.best or {}
     log(f"[3/4] trained a {result.head.kind} head with parameter averaging on {workers} workers "
         f"({result.rounds} averaging rounds): best validation accuracy "
-        f"{best.get('val_top1', float('nan')):.4f} at epoch {best.get('epoch', 0) + 1}")
+        f"{best.get('val_top1', float('nan')):.4f} at epoch {best.get('epoch')} (counted from 0)")
     metrics = evaluate(str(out / "model"), str(out / "features.zarr"), split="test",
                        engine=engine, workers=workers, report_dir=str(out / "report"))
     seconds = time.perf_counter() - t0

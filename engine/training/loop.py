@@ -365,7 +365,8 @@ def _non_finite(params: Mapping[str, np.ndarray], opt_state: Mapping[str, np.nda
 def _diverged(what: str, cfg: "TrainConfig", epoch: int, rnd: int, rpe: int, lr: float,
               ck_path: str, good_rounds: int) -> InvalidParameterError:
     return InvalidParameterError(
-        f"Training diverged in round {rnd + 1} of {rpe} of epoch {epoch + 1} of {cfg.epochs}: "
+        f"Training diverged in epoch {epoch}, round {rnd} (counted from 0 as everywhere; "
+        f"{rpe} rounds an epoch, {cfg.epochs} epochs): "
         f"{what} became NaN or infinite at learning rate {lr:g}. The learning rate is too high "
         f"for this head: try a lower one (--lr {cfg.optimizer.lr / 10:g}). Nothing of that "
         f"round was saved: {ck_path} holds the last good state ({good_rounds} rounds); other "
