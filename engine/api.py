@@ -19,6 +19,7 @@ from .engines import check_engine, get_executor
 from .workerenv import refuse_start_while_bootstrapping
 from .executor import Executor
 from .featurization import FeaturizeReport, run_featurize
+from .fs import DEFAULT_MAX_IMAGE_BYTES
 
 
 @contextmanager
@@ -52,7 +53,7 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
               exclude_classes: Sequence[str] = (), seed: int = 0, batch_size: int = 16,
               dtype: str = "float32", chunk_rows: int = 256, compile: bool = False,
               device: str | None = None, precision: str = "auto", views: str = "center",
-              overwrite: bool = False,
+              max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, overwrite: bool = False,
               storage_options: Mapping | None = None, progress: Any = True) -> FeaturizeReport:
     """Push every image of ``dataset`` once through a frozen pretrained CNN into ``store``.
 
@@ -60,6 +61,8 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     train/ val/ test/ folders holding those. Splits: ``split="train=0.7,val=0.1,test=0.2"``
     (stratified, seeded), or ``per_class_train=30`` (+ ``per_class_val``), the rest test.
     ``views="center+flip"`` averages the features of each image and its mirror image.
+    Only regular files of at most ``max_image_bytes`` (64 MiB) are read; others are skipped
+    with their reason.
     Resumable: a rerun computes only the chunks a killed run left unfinished. ``device``
     defaults to the engine's (``cuda`` on dask-cuda, else ``cpu``).
     """
@@ -70,7 +73,8 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     check_engine(engine, engine_options)
     # every mistake is found before an engine or a worker starts (that costs seconds):
     # the options, the model and layer, then the dataset itself (scanned, split, classes)
-    _check_featurize_options(batch_size=batch_size, chunk_rows=chunk_rows, dtype=dtype,
+    _check_featurize_options(batch_size=batch_size, chunk_rows=chunk_rows,
+                             max_image_bytes=max_image_bytes, dtype=dtype,
                              precision=precision, views=views, device=device, seed=seed,
                              per_class_val=per_class_val, per_class_train=per_class_train)
     check_dataset_options(dataset, split=split, per_class_train=per_class_train,
@@ -92,10 +96,12 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
                              device=device,
                              precision=precision, views=views, seed=seed,
                              split_config=split_config, storage_options=storage_options,
-                             overwrite=overwrite, progress=progress)
+                             max_image_bytes=max_image_bytes, overwrite=overwrite,
+                             progress=progress)
 
 
-def _check_featurize_options(*, batch_size: int, chunk_rows: int, dtype: str, precision: str,
+def _check_featurize_options(*, batch_size: int, chunk_rows: int, max_image_bytes: int,
+                             dtype: str, precision: str,
                              views: str, device: str | None, seed: int, per_class_val: int,
                              per_class_train: int | None) -> None:
     """featurize's option checks that need no engine (run_featurize repeats some: it is
@@ -106,6 +112,7 @@ def _check_featurize_options(*, batch_size: int, chunk_rows: int, dtype: str, pr
     w = "featurize"
     check_int("batch_size", batch_size, low=1, where=w)
     check_int("chunk_rows", chunk_rows, low=1, where=w)
+    check_int("max_image_bytes", max_image_bytes, low=1, where=w)
     check_int("seed", seed, low=0, where=w)
     check_int("per_class_val", per_class_val, low=0, where=w)
     if per_class_val and per_class_train is None:

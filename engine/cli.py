@@ -225,6 +225,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="center+flip: average the features of each image and its mirror (2x compute)")
     f.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: the engine's: cuda on dask-cuda, else cpu)")
+    f.add_argument("--max-image-mb", type=_int_type(1), default=64, metavar="MB",
+                   help="larger image files are skipped with a reason, never read")
     f.add_argument("--overwrite", action="store_true",
                    help="replace an existing feature store (never anything else)")
     f.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -287,7 +289,7 @@ def cmd_featurize(args: argparse.Namespace) -> int:
                     exclude_classes=args.exclude_class, seed=args.seed,
                     batch_size=args.batch_size, dtype=args.dtype, chunk_rows=args.chunk_rows,
                     compile=args.compile, device=args.device, views=args.views,
-                    overwrite=args.overwrite,
+                    max_image_bytes=args.max_image_mb * 1024 * 1024, overwrite=args.overwrite,
                     progress=not args.json)
     _print_featurize(rep, args.json)
     return 0

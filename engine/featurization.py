@@ -354,7 +354,8 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
                   batch_size: int = 16, dtype: str = "float32", chunk_rows: int = 256,
                   compile: bool = False, device: str | None = None, precision: str = "auto",
                   views: str = "center", seed: int = 0, split_config: Mapping[str, Any] | None = None,
-                  storage_options: Mapping | None = None, overwrite: bool = False,
+                  storage_options: Mapping | None = None,
+                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, overwrite: bool = False,
                   progress: bool | Callable[[ChunkResult], None] = True) -> FeaturizeReport:
     """Create (or resume) the store for ``manifest`` and featurize its unfinished chunks.
 
@@ -366,6 +367,7 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
 
     check_int("batch_size", batch_size, low=1, where="featurize")
     check_int("chunk_rows", chunk_rows, low=1, where="featurize")
+    check_int("max_image_bytes", max_image_bytes, low=1, where="featurize")
     check_choice("precision", precision, ("auto", "float32", "bfloat16", "float16"), where="featurize")
     check_choice("views", views, VIEWS, where="featurize")
     if store_url.startswith("memory://") and executor.n_workers > 0:
@@ -381,7 +383,7 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
     attrs = {
         "model": mspec.to_dict(), "layer": layer, "preprocess": preprocess,
         "seed": seed, "split_config": dict(split_config or {}), "versions": library_versions(),
-        "batch_size": batch_size,
+        "batch_size": batch_size, "max_image_bytes": max_image_bytes,
     }
     t0 = time.perf_counter()
     # refused before anything is written: a file, a foreign folder, the dataset itself
@@ -392,6 +394,7 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
                                  attrs, t0, batch_size=batch_size, dtype=dtype,
                                  chunk_rows=chunk_rows, compile=compile, device=device,
                                  precision=precision, views=views,
+                                 max_image_bytes=max_image_bytes,
                                  storage_options=storage_options, overwrite=overwrite,
                                  progress=progress)
 
@@ -399,7 +402,8 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
 def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, mspec: Any,
                       feature_dim: int, attrs: Mapping[str, Any], t0: float, *, batch_size: int,
                       dtype: str, chunk_rows: int, compile: bool, device: str, precision: str,
-                      views: str, storage_options: Mapping | None, overwrite: bool,
+                      views: str, max_image_bytes: int, storage_options: Mapping | None,
+                      overwrite: bool,
                       progress: bool | Callable[[ChunkResult], None]) -> FeaturizeReport:
     """``run_featurize`` once it holds the store's lock."""
     store = create_store(store_url, manifest, feature_dim=feature_dim, attrs=attrs,
@@ -416,7 +420,7 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
     spec = FeaturizeSpec(store_url=store_url, model=mspec,
                          storage_options=tuple(sorted(dict(storage_options or {}).items())),
                          batch_size=batch_size, compile=compile, device=device,
-                         precision=precision, views=views,
+                         precision=precision, views=views, max_image_bytes=max_image_bytes,
                          threads=int(getattr(executor, "threads_per_worker", 1) or 1))
     todo_rows = sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in pending)
     bar = None

@@ -386,3 +386,30 @@ def test_the_wrapper_names_the_backend_and_refuses_unknown_protocols(monkeypatch
         read_bytes("s3://bucket/key.jpg")
     with pytest.raises(InvalidParameterError, match="unknown protocol 'nosuchfs'"):
         url_to_fs("nosuchfs://x/y")
+
+
+def test_the_cli_size_cap_skips_a_larger_image_and_keeps_the_others(tmp_path, capsys):
+    """--max-image-mb reaches the workers: a real 1.x MB photo is skipped at 1 MB with its
+    reason (and featurized at the default 64), the small ones are featurized either way."""
+    from PIL import Image
+
+    from deeptransfer.cli import main
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for k in range(2):
+            (tmp_path / "d" / cls / f"{k}.jpg").write_bytes(
+                jpeg_bytes(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)))
+    big = tmp_path / "d" / "a" / "big.png"
+    Image.fromarray(rng.integers(0, 255, (700, 700, 3), dtype=np.uint8)).save(big)
+    assert 1 << 20 < big.stat().st_size < 2 << 20
+    args = ["featurize", str(tmp_path / "d"), "--workers", "0", "--chunk-rows", "8", "--json"]
+    assert main(args[:2] + [str(tmp_path / "s1"), *args[2:], "--max-image-mb", "1"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["featurized"] == 4
+    assert [(os.path.basename(p), r.split(":")[0]) for p, r in rep["skipped"]] == \
+        [("big.png", "file too large")]
+    assert open_store(str(tmp_path / "s1")).attrs["max_image_bytes"] == 1 << 20
+    assert main(args[:2] + [str(tmp_path / "s64"), *args[2:]]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["featurized"] == 5
