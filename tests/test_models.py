@@ -30,6 +30,7 @@ from deeptransfer.models import bridges, registry
 from deeptransfer.models.efficientnet_lite import EfficientNetLite, lite_arch
 from deeptransfer.models.resnet import RESNET50_URL, ResNet
 from deeptransfer.models.vgg import VGG, VGG16_URL
+from model_dirs import randomize_bn
 
 LITE_STAGE_SIZES = [1, 2, 2, 3, 3, 4, 1]
 
@@ -265,21 +266,9 @@ class NotATensor:
     """An arbitrary pickled object: refused by torch.load(weights_only=True)."""
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) * 0.5 + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
-
-
 def test_lite1_from_a_timm_named_file(tmp_path):
     torch.manual_seed(0)
-    model = _randomize_bn(EfficientNetLite(lite_arch(1.0, 1.1)))
+    model = randomize_bn(EfficientNetLite(lite_arch(1.0, 1.1)))
     path = tmp_path / "lite1.pth"
     torch.save(model.state_dict(), path)
     assert "blocks.1.2.conv_pwl.weight" in model.state_dict()   # timm names, 3 blocks in stage 1
@@ -369,7 +358,7 @@ def resnet50_functional(sd: dict, x: torch.Tensor, upto: str = "logits") -> torc
 @pytest.fixture(scope="module")
 def resnet50_files(tmp_path_factory):
     torch.manual_seed(0)
-    model = _randomize_bn(ResNet())
+    model = randomize_bn(ResNet())
     sd = model.state_dict()
     keys = list(sd)
     assert len(keys) == 320
