@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from .errors import StoreError
+from .files import DISK_FULL
 
 FORMAT = "deeptransfer.features/1"
 #: attribute a store's group gets the moment it is created: an interrupted create is ours
@@ -202,16 +202,13 @@ def _local_keys(root: str) -> list[str]:
 
 
 # -- errors of writes ------------------------------------------------------------------------
-_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
-
-
 def os_error(url: str, exc: OSError, what: str = "write") -> StoreError:
     """One StoreError line for an OS error of a store write: which path, and what to do;
     a full disk (or quota) says so."""
     where = exc.filename or url
-    if exc.errno in _NO_SPACE:
+    if exc.errno in DISK_FULL:  # the same errors as every other writer's (deeptransfer.files)
         return StoreError(
-            f"Cannot {what} the feature store {url!r}: {_NO_SPACE[exc.errno]} at {where!s}. "
+            f"Cannot {what} the feature store {url!r}: {os.strerror(exc.errno)} at {where!s}. "
             f"Free space there (or give another store path) and run featurize again: it "
             f"resumes with the chunks that were not finished.")
     return StoreError(f"Cannot {what} the feature store {url!r} ({where!s}): "

@@ -243,7 +243,7 @@ def test_disk_full_is_one_line_and_the_rerun_finishes_the_store(dataset, clean, 
         with monkeypatch.context() as mp:
             # the second chunk's features (or done marker) find the disk full
             _enospc_after(mp, 1, lambda key: key.startswith(f"{fail_on}/c/"))
-            with pytest.raises(StoreError, match="no space left on the device at .*full.zarr") as ei:
+            with pytest.raises(StoreError, match="No space left on device at .*full.zarr") as ei:
                 run_featurize(ex, m, full, **kw)
         assert len(str(ei.value).splitlines()) == 1 and "run featurize again" in str(ei.value)
         st = open_store(full)
@@ -260,7 +260,7 @@ def test_disk_full_is_one_line_and_the_rerun_finishes_the_store(dataset, clean, 
 def test_disk_full_while_creating_the_store_is_one_line(dataset, tmp_path, monkeypatch, capsys):
     _enospc_after(monkeypatch, 3)
     rc, err = _cli(capsys, "featurize", dataset, str(tmp_path / "s.zarr"), "--workers", "0")
-    assert rc == 2 and len(err.splitlines()) == 1 and "no space left on the device" in err, err
+    assert rc == 2 and len(err.splitlines()) == 1 and "No space left on device" in err, err
     monkeypatch.undo()
     with LocalExecutor(0) as ex:  # the half-created store is ours: redone, not refused
         rep = dt.featurize(dataset, str(tmp_path / "s.zarr"), engine=ex, **KW)
