@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deeptransfer import worker_state
 from deeptransfer.dataset import Manifest
 from deeptransfer.errors import InvalidParameterError
 from deeptransfer.store import create_store, open_store
@@ -409,26 +410,29 @@ def test_worker_reads_its_rows_whatever_it_can_cache(blobs, repartition, cache):
         xr, yr = st.read_rows(rows[offset:offset + count])
         np.testing.assert_array_equal(x, xr)
         np.testing.assert_array_equal(y, yr)
-        assert shards.FEATURES.nbytes <= cap
-    kept = len(shards.FEATURES)
+        assert worker_state.stats(shards.FEATURES).nbytes <= cap
+    kept = worker_state.stats(shards.FEATURES).entries
     if cache == "none" or (cache == "partition" and repartition == "epoch"):
         # nothing, or only this epoch's partition (the last epoch's is dropped)
         assert kept == (0 if cache == "none" else 1)
     else:
-        assert kept == 1 and shards.FEATURES.hits == 3  # read once, then hit every round
+        # read once, then hit every round
+        assert kept == 1 and worker_state.stats(shards.FEATURES).hits == 3
     with pytest.raises(ValueError, match="outside partition"):
         load_round(task(0, 90, 7))
 
 
-def test_byte_lru_evicts_least_recent():
-    c = shards.ByteLRU()
-    c.put("a", 1, 40, cap=100)
-    c.put("b", 2, 40, cap=100)
-    assert c.get("a") == 1
-    c.put("c", 3, 40, cap=100)  # evicts b, the least recently used
-    assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3
-    c.put("huge", 4, 101, cap=100)
-    assert c.get("huge") is None and c.nbytes <= 100
+def test_byte_capped_kind_evicts_least_recent():
+    worker_state.forget("t")
+    worker_state.put("t", ("a",), 1, nbytes=40, cap=100)
+    worker_state.put("t", ("b",), 2, nbytes=40, cap=100)
+    assert worker_state.peek("t", ("a",)) == 1
+    worker_state.put("t", ("c",), 3, nbytes=40, cap=100)  # evicts b, the least recently used
+    assert worker_state.peek("t", ("b",)) is None and worker_state.peek("t", ("a",)) == 1
+    assert worker_state.peek("t", ("c",)) == 3
+    worker_state.put("t", ("huge",), 4, nbytes=101, cap=100)
+    assert worker_state.peek("t", ("huge",)) is None and worker_state.stats("t").nbytes <= 100
+    worker_state.forget("t")
 
 
 # ---------------------------------------------------------------------------------------------
