@@ -22,6 +22,7 @@ from deeptransfer.store import create_store, open_store
 from deeptransfer.training import (HeadConfig, OptimizerConfig, ShardResult, TrainConfig, average,
                                 build_head, combine, head_params, lr_at, train_head)
 from deeptransfer.training import loop as loop_mod
+from deeptransfer.training import checkpoint as checkpoint_mod
 from deeptransfer.training import shards
 from deeptransfer.training.heads import balanced_class_weights, loss_fn
 from deeptransfer.training.shards import ShardTask, load_round, partition_rows, partition_sizes
@@ -567,7 +568,7 @@ def test_killed_run_resumes_to_the_same_head(blobs, tmp_path):
 def test_kill_between_log_line_and_checkpoint_leaves_one_line_per_round(blobs, tmp_path,
                                                                         monkeypatch):
     c = cfg(**RESUMABLE)
-    real = loop_mod.save_checkpoint
+    real = checkpoint_mod.save_checkpoint
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -576,11 +577,11 @@ def test_kill_between_log_line_and_checkpoint_leaves_one_line_per_round(blobs, t
             raise Killed("killed while checkpointing")
         return real(*a, **kw)
 
-    monkeypatch.setattr(loop_mod, "save_checkpoint", flaky)
+    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", flaky)
     with pytest.raises(Killed):
         run(SerialExecutor(2), blobs, c, tmp_path)
     assert len(_rounds(tmp_path)) == 3  # round 2 was logged but not checkpointed
-    monkeypatch.setattr(loop_mod, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", real)
     res = run(SerialExecutor(2), blobs, c, tmp_path)
     assert [r["global_round"] for r in _rounds(tmp_path)] == list(range(res.rounds))
 
