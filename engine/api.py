@@ -241,9 +241,6 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     refuse_start_while_bootstrapping()  # a job in a script without a __main__ guard
     from dataclasses import replace
 
-    from .artifact import save_model, saved_model_matches
-    from .evaluation import headline
-    from .jsonutil import finite
     from .store import open_store
     from .training import check_resume, train_head
 
@@ -251,23 +248,13 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     cfg = train_config(config, **options)
     if workers is not None:
         cfg = replace(cfg, workers=workers)
-    st = open_store(store, storage_options=storage_options)
-    _check_trainable(st, store, cfg)
+    _check_trainable(open_store(store, storage_options=storage_options), store, cfg)
     # a folder that is not ours, or a run that cannot be resumed, fails before any engine starts
     check_resume(model_dir, store, cfg, storage_options=storage_options, resume=resume)
     with engine_scope(engine, workers, engine_options) as ex:
-        result = train_head(ex, store, cfg, model_dir, storage_options=storage_options,
-                            resume=resume, progress=progress)
-    training = result.config.to_dict()
-    if result.reused and saved_model_matches(model_dir, result.params, training):
-        return result
-    attrs = {**st.attrs, "store_url": store}
-    save_model(model_dir, params=result.params, head_config=result.head.to_dict(),
-               store_attrs=attrs, classes=result.classes, training=training,
-               metrics=finite({"validation": result.best_metrics and headline(result.best_metrics),
-                               "best": result.best, "rounds": result.rounds,
-                               "stopped_early": result.stopped_early}))  # no val split: NaN -> null
-    return result
+        # the run writes the model too (config.json + head.safetensors)
+        return train_head(ex, store, cfg, model_dir, storage_options=storage_options,
+                          resume=resume, progress=progress)
 
 
 def _check_trainable(st: Any, store: str, cfg: Any) -> None:

@@ -26,18 +26,15 @@ from .files import atomic_write, make_dirs
 from .modeldir import CONFIG, HEAD, MODEL_FORMAT as FORMAT
 
 
-def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray],
-               head_config: Mapping[str, Any], store_attrs: Mapping[str, Any],
-               classes: Sequence[str], training: Mapping[str, Any] | None = None,
-               metrics: Mapping[str, Any] | None = None) -> Path:
-    """Write ``config.json`` and ``head.safetensors`` (atomically, file by file, umask modes)."""
+def model_files(*, params: Mapping[str, np.ndarray], head_config: Mapping[str, Any],
+                store_attrs: Mapping[str, Any], classes: Sequence[str],
+                training: Mapping[str, Any] | None = None,
+                metrics: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+    """The bytes of ``head.safetensors`` and ``config.json``, in the order they are written."""
     from safetensors.numpy import save
 
-    d = Path(model_dir)
-    make_dirs(d)
-    # safetensors' own save_file writes 0600; the bytes go through our writer instead
-    atomic_write(d / HEAD, save({k: np.require(v, dtype=np.float32, requirements="C")
-                                 for k, v in params.items()}, metadata={"format": FORMAT}))
+    head = save({k: np.require(v, dtype=np.float32, requirements="C")
+                 for k, v in params.items()}, metadata={"format": FORMAT})
     config = {
         "format": FORMAT,
         "backbone": dict(store_attrs["model"]),
@@ -51,7 +48,22 @@ def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray]
         "features_store": store_attrs.get("store_url"),
         "versions": store_attrs.get("versions", {}),
     }
-    atomic_write(d / CONFIG, jsonutil.dumps(config, indent=2, default=_jsonable))
+    return {HEAD: head,
+            CONFIG: jsonutil.dumps(config, indent=2, default=_jsonable).encode("utf-8")}
+
+
+def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray],
+               head_config: Mapping[str, Any], store_attrs: Mapping[str, Any],
+               classes: Sequence[str], training: Mapping[str, Any] | None = None,
+               metrics: Mapping[str, Any] | None = None) -> Path:
+    """Write ``config.json`` and ``head.safetensors`` (atomically, file by file, umask modes)."""
+    d = Path(model_dir)
+    make_dirs(d)
+    # safetensors' own save_file writes 0600; the bytes go through our writer instead
+    for name, data in model_files(params=params, head_config=head_config,
+                                  store_attrs=store_attrs, classes=classes, training=training,
+                                  metrics=metrics).items():
+        atomic_write(d / name, data)
     return d
 
 

@@ -153,13 +153,13 @@ def predict_rows(task: PredictTask, shared: PredictState) -> Predictions:
 
     from .training.averaging import one_torch_thread
     from .training.heads import head_from_params
-    from .training.shards import read_cached, split_rows
+    from .training.shards import feature_parts, read_cached, split_rows
 
     rows = split_rows(task.store_url, task.split, task.storage_options, task.store_key)
     rows = rows[task.start:task.stop]
     if task.cache_bytes > 0:
-        key = ("block", task.store_url, task.store_key, task.split, task.start, task.stop)
-        x, y = read_cached(key, task.store_url, task.storage_options, rows, task.cache_bytes)
+        parts = feature_parts("block", task, task.split, task.start, task.stop)
+        x, y = read_cached(parts, task.store_url, task.storage_options, rows, task.cache_bytes)
     else:
         from .store import cached_store
 

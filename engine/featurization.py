@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from . import worker_state
 from .dataset import Manifest
 from .errors import DeeptransferError, StoreError, check_choice, check_int
 from .executor import Executor
@@ -118,19 +119,14 @@ class _Runner:
             return out[:n].float().cpu().numpy()
 
 
-_runners: dict[FeaturizeSpec, _Runner] = {}
-_runners_lock = threading.Lock()
+#: kind of the backbone runners in the one worker cache (``worker_state``)
+RUNNERS = "runner"
 
 
 def get_runner(spec: FeaturizeSpec) -> _Runner:
-    """The process's runner for a spec (built on first use)."""
-    key = FeaturizeSpec(store_url="", model=spec.model, batch_size=spec.batch_size,
-                        compile=spec.compile, device=spec.device, precision=spec.precision)
-    with _runners_lock:
-        r = _runners.get(key)
-        if r is None:
-            r = _runners[key] = _Runner(spec)
-        return r
+    """The process's runner for a spec (built on first use; any store's tasks share it)."""
+    parts = (spec.model, spec.batch_size, spec.compile, spec.device, spec.precision)
+    return worker_state.get(RUNNERS, parts, lambda: _Runner(spec))
 
 
 def _set_threads(n: int) -> None:

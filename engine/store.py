@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import threading
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -525,23 +524,19 @@ def open_store(url: str, *, storage_options: Mapping | None = None, mode: str = 
     return st
 
 
-_cache_lock = threading.Lock()
-_cache: dict[tuple[str, str, str], FeatureStore] = {}
-
-
 def cached_store(url: str, storage_options: Mapping | None = None, mode: str = "r") -> FeatureStore:
-    """Open a store once per worker process (tasks of a job share the handle). Not checked
-    again: the driver checked it (``open_store``) before it sent any task."""
-    key = (url, json.dumps(dict(storage_options or {}), sort_keys=True), mode)
-    with _cache_lock:
-        st = _cache.get(key)
-        if st is None:
-            st = _cache[key] = open_store(url, storage_options=storage_options, mode=mode,
-                                          check=False)
-        return st
+    """Open a store once per worker process (tasks of a job share the handle; the one
+    worker cache, ``worker_state``, kind ``"store"``). Not checked again: the driver checked
+    it (``open_store``) before it sent any task."""
+    from . import worker_state
+
+    return worker_state.get("store", (url, dict(storage_options or {}), mode),
+                            lambda: open_store(url, storage_options=storage_options, mode=mode,
+                                               check=False))
 
 
 def forget_cached_stores() -> None:
     """Drop cached handles (after a store is recreated in this process)."""
-    with _cache_lock:
-        _cache.clear()
+    from . import worker_state
+
+    worker_state.forget("store")

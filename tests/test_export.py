@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import deeptransfer as dt
-from deeptransfer import featurization
+from deeptransfer import featurization, worker_state
 from deeptransfer.artifact import save_model
 from deeptransfer.cli import main
 from deeptransfer.errors import EngineUnavailableError
@@ -143,7 +143,7 @@ def case(request, tmp_path_factory, photo_paths):
         assert np.abs(center - probs).max() > 1e-3, "views must matter for this check"
     yield m, probs, _preprocessed(m, photo_paths), d
     # vgg16 is 0.5 GB: keep neither its runner nor its files (1.6 GB) after its tests
-    featurization._runners.clear()
+    worker_state.forget(featurization.RUNNERS)
     shutil.rmtree(d)
 
 

@@ -24,6 +24,7 @@ from deeptransfer.models import ModelSpec, Preprocess
 from deeptransfer.store import create_store
 from deeptransfer.training import HeadConfig, OptimizerConfig, load_checkpoint, train_head
 from deeptransfer.training import loop as loop_mod
+from deeptransfer.training import run as run_mod
 from deeptransfer.training import shards
 from test_train import SerialExecutor, assert_params_equal, cfg  # the training tests' tools
 
@@ -363,7 +364,7 @@ def test_a_diverging_cli_run_is_one_line(store, tmp_path, capsys):
 
 @pytest.mark.parametrize("where", ["params", "opt_state", "loss"])
 def test_a_non_finite_round_is_never_saved(store, tmp_path, monkeypatch, where):
-    real_average = loop_mod.average
+    real_average = run_mod.average
     calls = {"n": 0}
 
     def poisoned(res):
@@ -379,7 +380,7 @@ def test_a_non_finite_round_is_never_saved(store, tmp_path, monkeypatch, where):
             return params, state
         return real_average(res)
 
-    monkeypatch.setattr(loop_mod, "average", poisoned)
+    monkeypatch.setattr(run_mod, "average", poisoned)
     d = tmp_path / "m"
     c = cfg(optimizer=OptimizerConfig("sgd", lr=0.1, momentum=0.9))
     with pytest.raises(InvalidParameterError, match=r"diverged in epoch 0, round 2 \("):

@@ -15,12 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deeptransfer import worker_state
 from deeptransfer.dataset import Manifest
 from deeptransfer.errors import InvalidParameterError
 from deeptransfer.store import create_store, open_store
 from deeptransfer.training import (HeadConfig, OptimizerConfig, ShardResult, TrainConfig, average,
                                 build_head, combine, head_params, lr_at, train_head)
 from deeptransfer.training import loop as loop_mod
+from deeptransfer.training import checkpoint as checkpoint_mod
 from deeptransfer.training import shards
 from deeptransfer.training.heads import balanced_class_weights, loss_fn
 from deeptransfer.training.shards import ShardTask, load_round, partition_rows, partition_sizes
@@ -409,26 +411,29 @@ def test_worker_reads_its_rows_whatever_it_can_cache(blobs, repartition, cache):
         xr, yr = st.read_rows(rows[offset:offset + count])
         np.testing.assert_array_equal(x, xr)
         np.testing.assert_array_equal(y, yr)
-        assert shards.FEATURES.nbytes <= cap
-    kept = len(shards.FEATURES)
+        assert worker_state.stats(shards.FEATURES).nbytes <= cap
+    kept = worker_state.stats(shards.FEATURES).entries
     if cache == "none" or (cache == "partition" and repartition == "epoch"):
         # nothing, or only this epoch's partition (the last epoch's is dropped)
         assert kept == (0 if cache == "none" else 1)
     else:
-        assert kept == 1 and shards.FEATURES.hits == 3  # read once, then hit every round
+        # read once, then hit every round
+        assert kept == 1 and worker_state.stats(shards.FEATURES).hits == 3
     with pytest.raises(ValueError, match="outside partition"):
         load_round(task(0, 90, 7))
 
 
-def test_byte_lru_evicts_least_recent():
-    c = shards.ByteLRU()
-    c.put("a", 1, 40, cap=100)
-    c.put("b", 2, 40, cap=100)
-    assert c.get("a") == 1
-    c.put("c", 3, 40, cap=100)  # evicts b, the least recently used
-    assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3
-    c.put("huge", 4, 101, cap=100)
-    assert c.get("huge") is None and c.nbytes <= 100
+def test_byte_capped_kind_evicts_least_recent():
+    worker_state.forget("t")
+    worker_state.put("t", ("a",), 1, nbytes=40, cap=100)
+    worker_state.put("t", ("b",), 2, nbytes=40, cap=100)
+    assert worker_state.peek("t", ("a",)) == 1
+    worker_state.put("t", ("c",), 3, nbytes=40, cap=100)  # evicts b, the least recently used
+    assert worker_state.peek("t", ("b",)) is None and worker_state.peek("t", ("a",)) == 1
+    assert worker_state.peek("t", ("c",)) == 3
+    worker_state.put("t", ("huge",), 4, nbytes=101, cap=100)
+    assert worker_state.peek("t", ("huge",)) is None and worker_state.stats("t").nbytes <= 100
+    worker_state.forget("t")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,7 +568,7 @@ def test_killed_run_resumes_to_the_same_head(blobs, tmp_path):
 def test_kill_between_log_line_and_checkpoint_leaves_one_line_per_round(blobs, tmp_path,
                                                                         monkeypatch):
     c = cfg(**RESUMABLE)
-    real = loop_mod.save_checkpoint
+    real = checkpoint_mod.save_checkpoint
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -572,11 +577,11 @@ def test_kill_between_log_line_and_checkpoint_leaves_one_line_per_round(blobs, t
             raise Killed("killed while checkpointing")
         return real(*a, **kw)
 
-    monkeypatch.setattr(loop_mod, "save_checkpoint", flaky)
+    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", flaky)
     with pytest.raises(Killed):
         run(SerialExecutor(2), blobs, c, tmp_path)
     assert len(_rounds(tmp_path)) == 3  # round 2 was logged but not checkpointed
-    monkeypatch.setattr(loop_mod, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", real)
     res = run(SerialExecutor(2), blobs, c, tmp_path)
     assert [r["global_round"] for r in _rounds(tmp_path)] == list(range(res.rounds))
 

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from .. import worker_state
 from .heads import (HeadConfig, build_head, has_batch_norm, head_params, load_params, loss_fn,
                     set_dropout_generator)
 from .optim import OptimizerConfig, export_state, import_state, init_state, make_optimizer
@@ -97,21 +98,21 @@ def one_torch_thread() -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-_local = threading.local()
+#: kind of the head modules in the one worker cache (``worker_state``); keyed by thread too,
+#: since a module's parameters are loaded into it by each call
+HEADS = "head"
+#: bytes of parameters that the cached heads may hold together per process
+HEAD_CACHE_BYTES = 256 << 20
 
 
 def _head(shared: RoundState) -> torch.nn.Module:
     """The head module, reused within a worker thread (its parameters are loaded each call)."""
-    key = (json_key(shared.head.to_dict()), shared.in_dim, shared.n_classes)
-    cache = getattr(_local, "heads", None)
-    if cache is None:
-        cache = _local.heads = {}
-    m = cache.get(key)
-    if m is None:
-        if len(cache) > 8:
-            cache.clear()
-        m = cache[key] = build_head(shared.head, shared.in_dim, shared.n_classes, seed=0)
-    return m
+    parts = (threading.get_ident(), json_key(shared.head.to_dict()), shared.in_dim,
+             shared.n_classes)
+    return worker_state.get(
+        HEADS, parts, lambda: build_head(shared.head, shared.in_dim, shared.n_classes, seed=0),
+        nbytes=lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values()),
+        cap=HEAD_CACHE_BYTES)
 
 
 def json_key(d: Mapping[str, Any]) -> str:

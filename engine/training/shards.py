@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Mapping
 
 import numpy as np
 
+from .. import worker_state
 from ..store import cached_store
 
 REPARTITION = ("never", "epoch")
@@ -107,96 +106,49 @@ def partition_rows(train_rows: np.ndarray, *, seed: int, epoch: int, n_parts: in
     return members if order is None else members[order]
 
 
-# -- per-process caches ---------------------------------------------------------------------
+# -- per-process caches (kinds of the one worker cache, ``worker_state``) ------------------
 
-class ByteLRU:
-    """A thread-safe LRU of arrays capped in bytes; entries bigger than the cap are not kept."""
-
-    def __init__(self) -> None:
-        self._d: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: Hashable) -> Any:
-        with self._lock:
-            item = self._d.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._d.move_to_end(key)
-            self.hits += 1
-            return item[0]
-
-    def put(self, key: Hashable, value: Any, nbytes: int, cap: int) -> None:
-        with self._lock:
-            if key in self._d:
-                self.nbytes -= self._d.pop(key)[1]
-            while self._d and self.nbytes + nbytes > cap:
-                self.nbytes -= self._d.popitem(last=False)[1][1]
-            if nbytes <= cap:
-                self._d[key] = (value, nbytes)
-                self.nbytes += nbytes
-
-    def pop(self, key: Hashable) -> None:
-        with self._lock:
-            item = self._d.pop(key, None)
-            if item is not None:
-                self.nbytes -= item[1]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-            self.nbytes = 0
-            self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-
-#: features of partitions (and validation blocks) held by this worker process
-FEATURES = ByteLRU()
-_rows_lock = threading.Lock()
-_rows: dict[tuple, np.ndarray] = {}
-
-
-def _so_key(storage_options: Mapping[str, Any] | None) -> str:
-    return json.dumps(dict(storage_options or {}), sort_keys=True, default=str)
+#: kind of the features of partitions and validation blocks (capped in bytes)
+FEATURES = "features"
+#: kind of the row lists of splits
+ROWS = "rows"
 
 
 def split_rows(store_url: str, split: str, storage_options: Mapping[str, Any] | None = None,
                key: str = "") -> np.ndarray:
     """``FeatureStore.split_rows`` computed once per process (and store contents)."""
-    k = (store_url, _so_key(storage_options), split, key)
-    with _rows_lock:
-        rows = _rows.get(k)
-    if rows is None:
+    def build() -> np.ndarray:
         rows = cached_store(store_url, storage_options).split_rows(split)
         rows.setflags(write=False)
-        with _rows_lock:
-            _rows[k] = rows
-    return rows
+        return rows
+
+    return worker_state.get(ROWS, (store_url, dict(storage_options or {}), split, key), build)
 
 
 def clear_caches() -> None:
     """Forget cached rows and features of this process (after a store was rewritten)."""
-    FEATURES.clear()
-    with _rows_lock:
-        _rows.clear()
+    worker_state.forget(FEATURES)
+    worker_state.forget(ROWS)
 
 
-def read_cached(key: Hashable, store_url: str, storage_options: Mapping[str, Any] | None,
+def feature_parts(what: str, task: Any, *rest: Hashable) -> tuple:
+    """The key parts of cached features: what (``"train"``/``"block"``), the store (url,
+    options, contents), then what identifies the rows."""
+    return (what, task.store_url, dict(task.storage_options or {}), task.store_key) + rest
+
+
+def read_cached(parts: tuple, store_url: str, storage_options: Mapping[str, Any] | None,
                 rows: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of ``rows``, from the cache or read from the store (and cached)."""
-    hit = FEATURES.get(key)
-    if hit is not None:
-        return hit
-    x, y = cached_store(store_url, storage_options).read_rows(rows)
-    x.setflags(write=False)
-    y.setflags(write=False)
-    FEATURES.put(key, (x, y), x.nbytes + y.nbytes, cap)
-    return x, y
+    """Features and labels of ``rows``, from the cache or read from the store (and cached
+    while the kind's bytes stay within ``cap``)."""
+    def build() -> tuple[np.ndarray, np.ndarray]:
+        x, y = cached_store(store_url, storage_options).read_rows(rows)
+        x.setflags(write=False)
+        y.setflags(write=False)
+        return x, y
+
+    return worker_state.get(FEATURES, parts, build, nbytes=lambda xy: xy[0].nbytes + xy[1].nbytes,
+                            cap=cap)
 
 
 def load_round(task: ShardTask) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +171,7 @@ def load_round(task: ShardTask) -> tuple[np.ndarray, np.ndarray]:
                          f"of {len(positions)} rows")
     sel = np.arange(task.offset, stop) if order is None else order[task.offset:stop]
     row_bytes = _feature_dim(task) * 4 + 8
-    base = ("train", task.store_url, _so_key(task.storage_options), task.store_key, task.split)
+    base = feature_parts("train", task, task.split)
     if task.repartition == "epoch" and len(train) * row_bytes <= task.cache_bytes:
         x, y = read_cached(base + ("all",), task.store_url, task.storage_options, train,
                            task.cache_bytes)
@@ -228,7 +180,7 @@ def load_round(task: ShardTask) -> tuple[np.ndarray, np.ndarray]:
     if len(positions) * row_bytes <= task.cache_bytes:
         part_key = base + (task.seed, task.n_parts, task.part, task.repartition)
         if task.repartition == "epoch":
-            FEATURES.pop(part_key + (task.epoch - 1,))  # last epoch's partition is not coming back
+            worker_state.pop(FEATURES, part_key + (task.epoch - 1,))  # last epoch's partition is not coming back
             part_key += (task.epoch,)
         x, y = read_cached(part_key, task.store_url, task.storage_options, train[positions],
                            task.cache_bytes)
