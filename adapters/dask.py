@@ -39,9 +39,10 @@ DRIVER_REDUCE_MAX for the reduction):
   work stealing may still move a queued pinned task to an idle worker: affinity is a cache
   hint, and no result depends on it.
 - ``map_reduce``: for a few partial results the driver gathers them and combines them with
-  ``tree_combine`` (fewer scheduler round trips); for many, the same pairwise tree in task
-  order runs as combine tasks on the workers, so the driver receives one result. Either way
-  the reduction tree is the same as the local engine's: the same floating-point sums.
+  ``tree_combine`` (fewer scheduler round trips); for many, ``tree_combine`` with a combine
+  that submits a combine task builds the same tree as a graph on the workers, so the driver
+  receives one result. Either way the tree is the core's ``tree_plan``, the local engine's:
+  the same floating-point sums.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ import dask
 from distributed import Client, Future, KilledWorker, LocalCluster, Nanny, as_completed
 
 from deeptransfer.diagnostics import warm_up
-from deeptransfer.executor import BaseExecutor, tree_combine
+from deeptransfer.executor import Executor, tree_combine
 from deeptransfer.errors import (EngineUnavailableError, InvalidParameterError, TaskError,
                                  check_int)
 from deeptransfer.workerenv import (ENV_LOCK, malloc_environ, preserved_environ, restore_environ,
@@ -176,7 +177,7 @@ def _start_cluster(factory: Callable[..., Any], worker_env: Mapping[str, Any],
         return factory(**kwargs)
 
 
-class DaskExecutor(BaseExecutor):
+class DaskExecutor(Executor):
     """Run the core's steps on a Dask cluster: a new LocalCluster, or an existing one.
 
     With neither ``address`` nor ``client``: a ``LocalCluster`` on 127.0.0.1 with
@@ -195,6 +196,7 @@ class DaskExecutor(BaseExecutor):
     """
 
     name = "dask"
+    supports_affinity = True  # workers pinned by name; see the module docstring
     #: pinned tasks may run elsewhere when their worker is busy or gone (tests turn this off
     #: to make a pin that can never be served, the way a lost worker's pin once hung)
     _loose_pins = True
@@ -262,7 +264,7 @@ class DaskExecutor(BaseExecutor):
             # fixed from here on, as for a cluster started here: the core plans with it (one
             # training shard per worker), and a worker that is restarting must not change that
             self._n_workers = n_workers or len(self._client.nthreads())
-        self.dashboard_link: str | None = self._dashboard_link() if dashboard else None
+        self.dashboard_link = self._dashboard_link() if dashboard else None
         if self._cluster is not None:
             # like the local engine's workers: import torch and the core now, while the
             # caller plans its first job (scans the dataset, opens the store). Held like a
@@ -346,8 +348,9 @@ class DaskExecutor(BaseExecutor):
 
     # -- the primitives -----------------------------------------------------------------------
     def map_unordered(self, fn: Callable[..., Any], tasks: Sequence[Any], *,
-                      shared: Any = None) -> Iterator[tuple[int, Any]]:
-        return self._run(fn, list(tasks), shared, None, fetch=True)
+                      shared: Any = None,
+                      affinity: Sequence[int] | None = None) -> Iterator[tuple[int, Any]]:
+        return self._run(fn, self.check_affinity(tasks, affinity), shared, affinity, fetch=True)
 
     def map_reduce(self, fn: Callable[..., Any], tasks: Sequence[Any],
                    combine: Callable[[Any, Any], Any], *, shared: Any = None,
@@ -356,25 +359,20 @@ class DaskExecutor(BaseExecutor):
         if len(tasks) <= DRIVER_REDUCE_MAX:
             # few partial results: gather each as it finishes, combine here (one round trip
             # fewer per tree level than combine tasks; see DRIVER_REDUCE_MAX)
-            results: list[Any] = [None] * len(tasks)
-            for i, r in self._run(fn, tasks, shared, affinity, fetch=True):
-                results[i] = r
-            return tree_combine(results, combine)
-        # many: wait for the map tasks without fetching them, then the same pairwise tree in
-        # task order as combine tasks on the workers; only the total comes to the driver
+            return super().map_reduce(fn, tasks, combine, shared=shared, affinity=affinity)
+        # many: wait for the map tasks without fetching them, then the core's tree as combine
+        # tasks on the workers (tree_combine with a combine that submits one); only the
+        # total comes to the driver
         futures: list[Any] = [None] * len(tasks)
         for i, fut in self._run(fn, tasks, shared, affinity, fetch=False):
             futures[i] = fut
-        level = futures
-        while len(level) > 1:
-            nxt = [self._client.submit(combine, level[k], level[k + 1], pure=False,
-                                       retries=self.retries)
-                   for k in range(0, len(level) - 1, 2)]
-            self._held.extend(nxt)
-            if len(level) % 2:
-                nxt.append(level[-1])
-            level = nxt
-        return level[0].result()
+
+        def submit_combine(a: Future, b: Future) -> Future:
+            f = self._client.submit(combine, a, b, pure=False, retries=self.retries)
+            self._held.append(f)
+            return f
+
+        return tree_combine(futures, submit_combine).result()
 
     # -- the job loop -------------------------------------------------------------------------
     def _slots(self) -> list[str]:

@@ -16,7 +16,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Sequence
 
-from deeptransfer.executor import BaseExecutor, tree_combine
+from deeptransfer.executor import Executor
 from deeptransfer.errors import EngineStartError, TaskError, check_int
 from deeptransfer.workerenv import (BOOTSTRAP_EXIT, ENV_LOCK, malloc_environ, preserved_environ,
                                     refuse_start_while_bootstrapping, thread_environ)
@@ -124,7 +124,7 @@ class _Worker:
         self.conn.close()
 
 
-class LocalExecutor(BaseExecutor):
+class LocalExecutor(Executor):
     """Run the core's steps in ``n_workers`` local processes (``n_workers=0``: in this process).
 
     ``threads_per_worker`` defaults to the cores divided among the workers. ``max_retries``
@@ -132,6 +132,7 @@ class LocalExecutor(BaseExecutor):
     """
 
     name = "local"
+    supports_affinity = True  # one queue per worker process (see the module docstring)
 
     def __init__(self, n_workers: int | None = None, *, threads_per_worker: int | None = None,
                  max_retries: int = 2, malloc_tunables: bool = True):
@@ -189,17 +190,9 @@ class LocalExecutor(BaseExecutor):
 
     # -- the primitives -----------------------------------------------------------------------
     def map_unordered(self, fn: Callable[..., Any], tasks: Sequence[Any], *,
-                      shared: Any = None) -> Iterator[tuple[int, Any]]:
-        return self._run(fn, list(tasks), shared, None)
-
-    def map_reduce(self, fn: Callable[..., Any], tasks: Sequence[Any],
-                   combine: Callable[[Any, Any], Any], *, shared: Any = None,
-                   affinity: Sequence[int] | None = None) -> Any:
-        tasks = self.check_map_reduce(tasks, affinity)
-        results: list[Any] = [None] * len(tasks)
-        for i, r in self._run(fn, tasks, shared, affinity):
-            results[i] = r
-        return tree_combine(results, combine)
+                      shared: Any = None,
+                      affinity: Sequence[int] | None = None) -> Iterator[tuple[int, Any]]:
+        return self._run(fn, self.check_affinity(tasks, affinity), shared, affinity)
 
     def _run(self, fn: Callable[..., Any], tasks: list[Any], shared: Any,
              affinity: Sequence[int] | None) -> Iterator[tuple[int, Any]]:

@@ -16,7 +16,7 @@ aggregation with the core's ``combine`` (``tree_aggregate``: the levels of
 ``RDD.treeAggregate(depth=tree_depth)``), then the core divides. Where we differ from
 ``treeAggregate``: it merges partitions ``i % k`` together, so the order of the sums depends
 on the partitioning; ``tree_aggregate`` merges runs of adjacent partitions and builds
-exactly the pairwise tree the local engine's ``tree_combine`` builds in task order, so the
+exactly the core's pairwise tree (``tree_plan``, the local engine's ``tree_combine``), so the
 float sums happen in the same order and the same seed gives the same head bit for bit on
 every engine (ARCHITECTURE.md, rule 2), at the same cost.
 With ``affinity``, a slot's tasks run in one partition of a persisted "anchor" RDD with one
@@ -48,7 +48,7 @@ from pyspark import SparkContext, StorageLevel
 from pyspark.accumulators import AccumulatorParam, _accumulatorRegistry
 from pyspark.sql import SparkSession
 
-from deeptransfer.executor import BaseExecutor
+from deeptransfer.executor import Executor, PairwiseTree
 from deeptransfer.workerenv import ENV_LOCK, malloc_environ, preserved_environ
 from deeptransfer.errors import TaskError
 from deeptransfer.errors import (EngineUnavailableError, InvalidParameterError, check_choice,
@@ -104,7 +104,7 @@ class _Results(AccumulatorParam):
         return value1 + value2
 
 
-class SparkExecutor(BaseExecutor):
+class SparkExecutor(Executor):
     """Run the core's steps as Spark jobs.
 
     ``n_workers``: local[N] with no master (default: the cores here); with a YARN or
@@ -119,6 +119,9 @@ class SparkExecutor(BaseExecutor):
     """
 
     name = "spark"
+    #: a slot's tasks share one Python process within a map_reduce round, and stay in it
+    #: across rounds only on one-core executors (see the module docstring): not a pin
+    supports_affinity = False
 
     def __init__(self, n_workers: int | None = None, *, master: str | None = None,
                  session: "SparkSession | str | None" = None, ui: bool = False,
@@ -267,11 +270,13 @@ class SparkExecutor(BaseExecutor):
 
     # -- the primitives -----------------------------------------------------------------------
     def map_unordered(self, fn: Callable[..., Any], tasks: Sequence[Any], *,
-                      shared: Any = None) -> Iterator[tuple[int, Any]]:
+                      shared: Any = None,
+                      affinity: Sequence[int] | None = None) -> Iterator[tuple[int, Any]]:
         """One Spark task per task; results are yielded as each task succeeds.
 
         Results reach the driver the way ``collect`` results do (inside the task's result,
-        under ``spark.driver.maxResultSize``): return summaries, not bulk data.
+        under ``spark.driver.maxResultSize``): return summaries, not bulk data. ``affinity``
+        is ignored here (Spark places each task itself); map_reduce honours it per round.
         """
         return self._stream(fn, list(tasks), shared)
 
@@ -439,63 +444,20 @@ def _run_task(fn: Callable[..., Any], task: Any, value: Any) -> Any:
     return result
 
 
-class PairwiseTree:
-    """The pairwise tree ``tree_combine`` builds over ``n`` results in task order, built in pieces.
-
-    Node ``(level, j)`` covers tasks ``[j * 2**level, (j + 1) * 2**level)`` (cut at ``n``); the
-    last node of an odd-sized level moves up unchanged. A partial aggregate is a dict of the
-    nodes finished so far; whenever both children of a node are present they are combined
-    (left, right), so every ``combine`` call is the one the local engine makes, whichever
-    partitions meet first: the same floating-point sums in the same order, the same head.
-    """
-
-    def __init__(self, n: int, combine: Callable[[Any, Any], Any]):
-        self.combine = combine
-        self.sizes = [n]
-        while self.sizes[-1] > 1:
-            self.sizes.append((self.sizes[-1] + 1) // 2)
-
-    def fold(self, pairs: Iterator[tuple[int, Any]]) -> Iterator[dict]:
-        """A partition's ``(task index, result)`` pairs -> one partial aggregate."""
-        nodes: dict = {}
-        for i, value in pairs:
-            self._add(nodes, 0, i, value)
-        yield nodes
-
-    def merge(self, a: dict, b: dict) -> dict:
-        nodes = dict(a)
-        for (level, j), value in b.items():
-            self._add(nodes, level, j, value)
-        return nodes
-
-    def root(self, nodes: dict) -> Any:
-        return nodes[(len(self.sizes) - 1, 0)]
-
-    def _add(self, nodes: dict, level: int, j: int, value: Any) -> None:
-        while self.sizes[level] > 1:
-            if j == self.sizes[level] - 1 and self.sizes[level] % 2:
-                level, j = level + 1, j // 2  # no sibling: carried up as it is
-                continue
-            other = nodes.pop((level, j ^ 1), None)
-            if other is None:
-                break
-            value = self.combine(value, other) if j % 2 == 0 else self.combine(other, value)
-            level, j = level + 1, j // 2
-        nodes[(level, j)] = value
-
-
 def _identity(key: int) -> int:
     return key
 
 
 def tree_aggregate(pairs: Any, n: int, combine: Callable[[Any, Any], Any], *,
                    depth: int = 2) -> Any:
-    """Spark's treeAggregate over an RDD of ``(task index, result)``, reproducing tree_combine.
+    """Spark's treeAggregate over an RDD of ``(task index, result)``, along the core's tree_plan.
 
     The levels are those of ``RDD.treeAggregate(depth=...)``, but a level merges runs of
     ``scale`` adjacent partitions (a power of two) where Spark's merges partitions ``i``
-    and ``i + k * n_parts`` (``i % n_parts``), so that each run is a whole subtree of
-    ``PairwiseTree``; the driver combines the last few partial aggregates.
+    and ``i + k * n_parts`` (``i % n_parts``), so that each run is a whole subtree of the
+    plan and its combines happen on the executors; the driver merges the last few partial
+    aggregates. The order of the combines comes from the core's ``PairwiseTree`` (any
+    grouping gives tree_combine's calls); the runs only decide where they happen.
     """
     tree = PairwiseTree(n, combine)
     parts = pairs.mapPartitions(tree.fold)

@@ -31,11 +31,10 @@ def engine_scope(engine: "str | Executor", workers: int | None,
         if workers is not None:
             opts.setdefault("n_workers", workers)
         ex = get_executor(engine, opts)
-        link = getattr(ex, "dashboard_link", None)
-        if link:
+        if ex.dashboard_link:
             import sys
 
-            print(f"{ex.name} dashboard: {link}", file=sys.stderr)
+            print(f"{ex.name} dashboard: {ex.dashboard_link}", file=sys.stderr)
         try:
             yield ex
         finally:

@@ -91,6 +91,6 @@ def warm_up(task: Any, shared: Any) -> int:
 def start_workers(executor: Any) -> float:
     """Start every worker of ``executor`` and import the core there; returns the seconds taken."""
     t0 = time.perf_counter()
-    n = max(1, int(getattr(executor, "n_workers", 1)))
+    n = max(1, executor.n_workers)
     executor.map_reduce(warm_up, list(range(n)), lambda a, b: a, affinity=list(range(n)))
     return time.perf_counter() - t0

@@ -89,7 +89,8 @@ def get_executor(engine: "str | Executor" = "local",
             return engine
         raise InvalidParameterError(
             f"The 'engine' parameter must be an engine name ({', '.join(available_engines())}) "
-            f"or an Executor. Got {engine!r} instead.", param="engine")
+            f"or an Executor (a subclass of deeptransfer.executor.Executor). Got {engine!r} "
+            f"instead.", param="engine")
     cls = _engine_class(engine)
     opts = dict(options or {})
     _check_options(engine, cls, opts)

@@ -358,7 +358,7 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
     ``device``: where the network runs; None is the engine's default (``cuda`` on
     dask-cuda, else ``cpu``).
     """
-    device = device or getattr(executor, "default_device", "cpu")
+    device = device or executor.default_device
     from .models import ModelSpec, get_model_info, resolve_layer
 
     check_int("batch_size", batch_size, low=1, where="featurize")
@@ -417,7 +417,7 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
                          storage_options=tuple(sorted(dict(storage_options or {}).items())),
                          batch_size=batch_size, compile=compile, device=device,
                          precision=precision, views=views, max_image_bytes=max_image_bytes,
-                         threads=int(getattr(executor, "threads_per_worker", 1) or 1))
+                         threads=executor.threads_per_worker)
     todo_rows = sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in pending)
     bar = None
     if progress is True:

@@ -1,9 +1,10 @@
-"""The Dask engine against the shared engine checks, on a LocalCluster and on a real deployment.
+"""The Dask engine against the shipped engine checks, on a LocalCluster and on a real deployment.
 
     /work/main/.venv/bin/python -m pytest tests/test_engine_dask.py -q
 
-The deployment is what deploy/dask.md describes, on loopback: a `dask scheduler` and two
+The deployment is what deploy/dask.md describes, on loopback: a `dask scheduler` and three
 `dask worker` processes started from the command line, joined through a scheduler file.
+Three workers on both, so that a reduction in another order than tree_plan fails.
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from deeptransfer.executor import tree_combine  # noqa: E402
 from deeptransfer.workerenv import MALLOC_TUNABLES  # noqa: E402
 from deeptransfer.diagnostics import add_values, probe  # noqa: E402
 from deeptransfer.errors import EngineUnavailableError, InvalidParameterError  # noqa: E402
-from engine_checks import *  # noqa: E402,F401,F403 - the conformance suite
-from engine_job_checks import *  # noqa: E402,F401,F403 - featurize/train: same as local
+from deeptransfer.testing.engine_checks import EngineChecks  # noqa: E402
+from deeptransfer.testing.job_checks import (EngineJobChecks,  # noqa: E402
+                                             check_worker_killed_during_training)
+from engine_fixtures import job_manifest, local_head, local_store  # noqa: E402,F401 - fixtures
 
 pytestmark = pytest.mark.dask
 
@@ -41,7 +44,7 @@ LOOPBACK_HTTP = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
 class Deployment:
     """`dask scheduler` + `dask worker` processes on 127.0.0.1, always torn down."""
 
-    def __init__(self, tmp: Path, n_workers: int = 2, timeout: float = 600.0):  # a hang bound
+    def __init__(self, tmp: Path, n_workers: int = 3, timeout: float = 600.0):  # a hang bound
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         self.scheduler_file = tmp / "scheduler.json"
@@ -120,18 +123,28 @@ def deployment(tmp_path_factory):
 @pytest.fixture(scope="module", params=["local-cluster", "deployment"])
 def executor(request):
     if request.param == "local-cluster":
-        with DaskExecutor(2) as ex:
+        with DaskExecutor(3) as ex:
             yield ex
     else:
         dep = request.getfixturevalue("deployment")
-        with DaskExecutor(address=dep.address, n_workers=2) as ex:
+        with DaskExecutor(address=dep.address, n_workers=3) as ex:
             yield ex
+
+
+class TestDaskEngine(EngineChecks, EngineJobChecks):
+    def test_worker_killed_during_training_changes_nothing(self, local_store, local_head,
+                                                           tmp_path):
+        # on its own cluster: its nanny may or may not restart the killed worker, and the
+        # shared clusters of the other checks must not depend on which (a task pinned to the
+        # killed worker is resubmitted either way: test_task_pinned_to_a_worker_that_left_...)
+        with DaskExecutor(2, dashboard=False) as ex:
+            check_worker_killed_during_training(ex, local_store, local_head, str(tmp_path))
 
 
 # -- the engine itself --------------------------------------------------------------------------
 def test_name_workers_and_loopback(executor):
     assert executor.name == "dask"
-    assert executor.n_workers == 2
+    assert executor.n_workers == 3
     addresses = [executor.client.scheduler.address, *executor.client.nthreads()]
     assert all(a.startswith("tcp://127.0.0.1:") for a in addresses), addresses
 
@@ -183,14 +196,14 @@ def test_given_client_is_never_closed(executor):
 def test_address_executor_leaves_the_deployment_running(deployment):
     from deeptransfer.engines import get_executor
 
-    # n_workers: wait for both (an earlier check killed one; its nanny may still restart it)
-    ex = get_executor("dask", {"address": deployment.address, "n_workers": 2})
-    assert isinstance(ex, DaskExecutor) and ex.n_workers == 2
+    # n_workers: wait for all (an earlier check killed one; its nanny may still restart it)
+    ex = get_executor("dask", {"address": deployment.address, "n_workers": 3})
+    assert isinstance(ex, DaskExecutor) and ex.n_workers == 3
     # the scheduler's HTTP server (health and metrics only, with --no-dashboard), on loopback
     assert ex.dashboard_link is None or ex.dashboard_link.startswith("http://127.0.0.1:")
     ex.close()
     with Client(deployment.address, set_as_default=False) as client:
-        assert len(client.nthreads()) == 2
+        assert len(client.nthreads()) == 3
 
 
 # -- a cluster this engine starts -----------------------------------------------------------------
@@ -415,15 +428,3 @@ def test_zz_driver_numba_threads_untouched_after_worker_restarts():
     """Runs last in this module: nannies that restarted killed workers must not have changed
     the driver's NUMBA_NUM_THREADS (numba refuses a change once its pool is up)."""
     assert os.environ.get("NUMBA_NUM_THREADS") == _NUMBA_THREADS_AT_IMPORT
-
-
-from engine_job_checks import (  # noqa: E402
-    test_worker_killed_during_training_changes_nothing as _killed_during_training)
-
-
-def test_worker_killed_during_training_changes_nothing(local_store, local_head, tmp_path):
-    # on its own cluster: its nanny may or may not restart the killed worker, and the
-    # shared clusters of the other checks must not depend on which (a task pinned to the
-    # killed worker is resubmitted either way: test_task_pinned_to_a_worker_that_left_...)
-    with DaskExecutor(2, dashboard=False) as ex:
-        _killed_during_training(ex, local_store, local_head, tmp_path)

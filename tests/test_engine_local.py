@@ -1,19 +1,25 @@
-"""The local engine against the shared engine checks."""
+"""The local engine against the shipped engine checks (deeptransfer.testing), with 3 workers."""
+import os
+
 import pytest
 
 from deeptransfer.adapters.local import LocalExecutor
-from engine_checks import *  # noqa: F401,F403 - the conformance suite
+from deeptransfer.testing.engine_checks import EngineChecks
+from deeptransfer.testing.job_checks import EngineJobChecks
+from engine_fixtures import job_manifest, local_head, local_store  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")
 def executor():
-    with LocalExecutor(2) as ex:
+    with LocalExecutor(3) as ex:
         yield ex
 
 
-def test_inline_mode_runs_in_process():
-    import os
+class TestLocalEngine(EngineChecks, EngineJobChecks):
+    pass
 
+
+def test_inline_mode_runs_in_process():
     from deeptransfer.diagnostics import probe
 
     with LocalExecutor(0) as ex:
@@ -28,6 +34,3 @@ def test_a_task_that_always_kills_its_worker_is_a_task_error():
         with pytest.raises(TaskError, match="lost its worker"):
             list(ex.map_unordered(probe, [{"value": 0, "die": True}]))
         assert [r["value"] for _, r in ex.map_unordered(probe, [7])] == [7]  # still usable
-
-
-from engine_job_checks import *  # noqa: E402,F401,F403 - featurize/train job checks

@@ -1,11 +1,13 @@
-"""The Spark engine against the shared engine checks, on local[2] and on a real cluster.
+"""The Spark engine against the shipped engine checks, on local[3] and on a real cluster.
 
     .venv/bin/python -m pytest tests/test_engine_spark.py -q
 
-The conformance suite (engine_checks.py) and the job checks (engine_job_checks.py: the local
-engine's store row for row, the same head bit for bit, killed workers) run twice: on
-``local[2,4]`` (one JVM, two Python workers) and on ``local-cluster[2,1,1024]`` (a
-standalone master and worker in the driver JVM, two executor JVMs with one core each). One
+The conformance suite (deeptransfer.testing: the probe checks, and the job checks: the local
+engine's store row for row, the same head bit for bit, killed workers) runs twice: on
+``local[3,4]`` (one JVM, three Python workers) and on ``local-cluster[2,1,1024]`` (a
+standalone master and worker in the driver JVM, two executor JVMs with one core each; a
+third, with its own Python worker loading the model, took this file from 294 s to 419 s on
+a busy 2-core machine. The tree checks run with 3 workers on local[3], up to 40 tasks on both. One
 session per master for the whole module; the fixture's teardown stops the session and the
 driver JVM, and with it the cluster's JVMs, and checks that none is left. Last, the real
 ``spark-submit`` runs the CLI's featurize through adapters/spark_submit.py.
@@ -25,24 +27,21 @@ pytest.importorskip("pyspark")
 if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
     pytest.skip("the Spark engine needs Java", allow_module_level=True)
 
-import engine_checks  # noqa: E402
-from engine_checks import *  # noqa: E402,F401,F403 - the conformance suite
 from pyspark import cloudpickle  # noqa: E402
 
-from deeptransfer.executor import tree_combine  # noqa: E402
-from deeptransfer.adapters.spark import PairwiseTree, SparkExecutor  # noqa: E402
+from deeptransfer.adapters.spark import SparkExecutor  # noqa: E402
 from deeptransfer.diagnostics import add_values, probe  # noqa: E402
 from deeptransfer.errors import EngineUnavailableError, InvalidParameterError  # noqa: E402
-
-if os.path.exists(os.path.join(os.path.dirname(__file__), "engine_job_checks.py")):
-    from engine_job_checks import *  # noqa: F401,F403 - featurize/train row for row, faults
+from deeptransfer.testing import engine_checks  # noqa: E402
+from deeptransfer.testing.engine_checks import EngineChecks  # noqa: E402
+from deeptransfer.testing.job_checks import EngineJobChecks  # noqa: E402
+from engine_fixtures import job_manifest, local_head, local_store  # noqa: E402,F401 - fixtures
 
 pytestmark = [pytest.mark.spark, pytest.mark.filterwarnings(
     "ignore:PySpark does not yet fully support pandas:FutureWarning")]
 
 # Steps defined in test modules (which the workers cannot import) travel by value; the core's
-# steps travel by reference, as in production.
-cloudpickle.register_pickle_by_value(engine_checks)
+# steps (deeptransfer.testing's included) travel by reference, as in production.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 MASTERS = ["local", "local-cluster[2,1,1024]"]
@@ -50,7 +49,7 @@ MASTERS = ["local", "local-cluster[2,1,1024]"]
 
 @pytest.fixture(scope="module", params=MASTERS)
 def executor(request):
-    ex = SparkExecutor(2) if request.param == "local" else SparkExecutor(master=request.param)
+    ex = SparkExecutor(3) if request.param == "local" else SparkExecutor(master=request.param)
     try:
         yield ex
     finally:
@@ -58,6 +57,10 @@ def executor(request):
         assert len(jvms) == (1 if request.param == "local" else 3), jvms  # driver (+ executors)
         ex.close()
         _assert_gone(jvms)
+
+
+class TestSparkEngine(EngineChecks, EngineJobChecks):
+    pass  # the shipped affinity check skips (supports_affinity is False): see below
 
 
 def _descendants(root: int) -> list[int]:
@@ -114,7 +117,7 @@ def test_affinity_pins_tasks_to_workers(executor):
     affinity = [i % n for i in tasks]
 
     def pids_of_slots() -> dict[int, set]:
-        res = executor.map_reduce(engine_checks._probe_list, tasks, operator.add,
+        res = executor.map_reduce(engine_checks.probe_list, tasks, operator.add,
                                   affinity=affinity)
         assert sorted(v for v, _ in res) == tasks
         pids: dict[int, set] = {}
@@ -170,42 +173,6 @@ def test_map_reduce_tree_of_many_partitions(executor):
     """More partitions than depth**2: treeAggregate adds a shuffle level, same total."""
     tasks = list(range(1, 41))
     assert executor.map_reduce(probe, tasks, add_values, shared={"w": 1}) == sum(tasks)
-
-
-def _label(task, shared):
-    return str(task)
-
-
-def _paren(a, b):
-    return f"({a}+{b})"
-
-
-@pytest.mark.parametrize("n", [1, 3, 13, 40])
-def test_map_reduce_combines_in_the_local_engines_order(executor, n):
-    """Not just the same total: the same combine calls, so float sums round the same way."""
-    want = tree_combine([str(i) for i in range(n)], _paren)
-    assert executor.map_reduce(_label, list(range(n)), _paren) == want
-    affinity = [(7 * i) % 5 for i in range(n)]  # slots holding scattered tasks
-    assert executor.map_reduce(_label, list(range(n)), _paren, affinity=affinity) == want
-
-
-def test_pairwise_tree_matches_tree_combine_in_any_grouping():
-    import random
-
-    rng = random.Random(0)
-    for n in [1, 2, 3, 5, 8, 13, 31, 64, 100]:
-        want = tree_combine([str(i) for i in range(n)], _paren)
-        for _ in range(20):
-            tree = PairwiseTree(n, _paren)
-            order = rng.sample(range(n), n)
-            cuts = sorted(rng.sample(range(1, n), rng.randint(0, n - 1))) if n > 1 else []
-            parts = [next(tree.fold((i, str(i)) for i in order[a:b]))
-                     for a, b in zip([0] + cuts, cuts + [n])]
-            while len(parts) > 1:
-                a = parts.pop(rng.randrange(len(parts)))
-                b = parts.pop(rng.randrange(len(parts)))
-                parts.append(tree.merge(a, b))
-            assert tree.root(parts[0]) == want
 
 
 def test_empty_task_list(executor):

@@ -12,13 +12,14 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
 
 from deeptransfer.dataset import Manifest
 from deeptransfer.errors import InvalidParameterError
+from deeptransfer.executor import Executor
 from deeptransfer.evaluation import (cross_entropy, evaluate, format_report, metrics, plot_confusion,
                                    predict_split)
 from deeptransfer.store import create_store, open_store
 from deeptransfer.training import HeadConfig, build_head, head_params
 
 
-class SerialExecutor:
+class SerialExecutor(Executor):
     name = "serial"
     n_workers = 2
 

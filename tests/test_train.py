@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from deeptransfer import worker_state
 from deeptransfer.dataset import Manifest
 from deeptransfer.errors import InvalidParameterError
+from deeptransfer.executor import Executor
 from deeptransfer.store import create_store, open_store
 from deeptransfer.training import (HeadConfig, OptimizerConfig, ShardResult, TrainConfig, average,
                                 build_head, combine, head_params, lr_at, train_head)
@@ -31,7 +32,7 @@ from deeptransfer.training.shards import ShardTask, load_round, partition_rows, 
 # fixtures: executors and synthetic stores
 
 
-class SerialExecutor:
+class SerialExecutor(Executor):
     """Runs every task in this process, in order."""
 
     name = "serial"
