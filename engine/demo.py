@@ -48,7 +48,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, engine: str = "local",
              workers: int = 2, epochs: int = 30, progress: bool = True,
              log: Any = print) -> dict[str, Any]:
     """Build the digits dataset, featurize, train with parameter averaging, evaluate."""
-    from .api import engine_scope, evaluate, featurize, train
+    from .api import engine_scope
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
