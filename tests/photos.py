@@ -12,9 +12,15 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+
+    from deeptransfer.models import Preprocess
 
 
 def _sources() -> dict[str, list[np.ndarray]]:
@@ -87,3 +93,20 @@ def jpeg_bytes(img: np.ndarray, quality: int = 92) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def pil_preprocess(img: np.ndarray, pre: Preprocess) -> torch.Tensor:
+    """A model's documented preprocessing (``deeptransfer.models.Preprocess``), written
+    independently with PIL (not the featurize kernel): (3, crop, crop) float32."""
+    import torch
+    im = Image.fromarray(img)
+    w, h = im.size
+    s = pre.resize / min(w, h)
+    im = im.resize((max(pre.resize, int(w * s)), max(pre.resize, int(h * s))),
+                   Image.Resampling.BICUBIC)
+    w, h = im.size
+    left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
+    im = im.crop((left, top, left + pre.crop, top + pre.crop))
+    x = np.asarray(im, dtype=np.float32) / 255.0
+    x = (x - np.array(pre.mean, np.float32)) / np.array(pre.std, np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())

