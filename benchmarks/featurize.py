@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
            "--model", args.model, "--json"]
     cmd += ["--layer", args.layer] if args.layer else []
     cmd += ["--workers", str(args.workers)] if args.workers else []
-    for c in args.exclude_class:
+    for c in args.exclude_class if data == args.dataset else ():  # a subset has no such folder
         cmd += ["--exclude-class", c]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with PeakRSS(pid=proc.pid) as rss:  # the featurize job's tree only, not this process
