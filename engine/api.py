@@ -241,38 +241,19 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     from dataclasses import replace
 
     from .store import open_store
-    from .training import check_resume, train_head
+    from .training import check_resume, check_trainable, train_head
 
     check_engine(engine, engine_options)
     cfg = train_config(config, **options)
     if workers is not None:
         cfg = replace(cfg, workers=workers)
-    _check_trainable(open_store(store, storage_options=storage_options), store, cfg)
+    check_trainable(open_store(store, storage_options=storage_options), cfg)
     # a folder that is not ours, or a run that cannot be resumed, fails before any engine starts
     check_resume(model_dir, store, cfg, storage_options=storage_options, resume=resume)
     with engine_scope(engine, workers, engine_options) as ex:
         # the run writes the model too (config.json + head.safetensors)
         return train_head(ex, store, cfg, model_dir, storage_options=storage_options,
                           resume=resume, progress=progress)
-
-
-def _check_trainable(st: Any, store: str, cfg: Any) -> None:
-    """What train_head would refuse about the store, checked without an engine."""
-    from .errors import InvalidParameterError, StoreError
-
-    if not st.is_complete():
-        raise StoreError(f"The feature store {store!r} is not complete "
-                         f"({len(st.pending_chunks())} chunks missing): run featurize again "
-                         f"to finish it before training.")
-    if len(st.split_rows("train")) == 0:
-        raise StoreError(f"The feature store {store!r} has no training rows: featurize with a "
-                         f"split that has a train part, e.g. --split train=0.7,val=0.1,test=0.2.")
-    cw = cfg.class_weights
-    if cw is not None and cw != "balanced" and len(cw) != len(st.classes):
-        raise InvalidParameterError(
-            f"The 'class_weights' parameter has {len(cw)} weights but the store has "
-            f"{len(st.classes)} classes: give one weight per class, or 'balanced'.",
-            param="class_weights")
 
 
 def evaluate(model_dir: str, store: str, *, split: str = "test",
@@ -298,12 +279,7 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     check_engine(engine, engine_options)
     model = load(model_dir)
     st = open_store(store, storage_options=storage_options)
-    if not st.is_complete():
-        from .errors import StoreError
-
-        raise StoreError(f"The feature store {store!r} is not complete "
-                         f"({len(st.pending_chunks())} chunks missing): run featurize again "
-                         f"to finish it before evaluating.")
+    st.require_complete("evaluating")
     ev.check_split_has_rows(st, split, store)  # an empty split has no metrics (NaN)
     if st.classes != model.classes or st.feature_dim != model.feature_dim or \
             st.attrs.get("model") != model.config["backbone"]:

@@ -298,6 +298,13 @@ class FeatureStore:
     def is_complete(self) -> bool:
         return bool(self.group["done"][:].all())
 
+    def require_complete(self, before: str) -> None:
+        """StoreError unless every chunk is featurized (``before``: "training", ...)."""
+        if not self.is_complete():
+            raise StoreError(f"The feature store {self.url!r} is not complete "
+                             f"({len(self.pending_chunks())} chunks missing): run featurize "
+                             f"again to finish it before {before}.")
+
     def _done_rows(self) -> np.ndarray:
         return np.repeat(self.group["done"][:], self.chunk_rows)[: self.n_rows]
 

@@ -14,12 +14,12 @@ from .heads import HeadConfig, build_head, head_from_params, head_params, load_p
 from .loop import (TrainConfig, TrainingWarning, TrainResult, check_resume, load_checkpoint,
                    rounds_per_epoch, train_head)
 from .optim import OptimizerConfig, lr_at
-from .run import RoundPlan, RunState, TrainRun
+from .run import RoundPlan, RunState, TrainRun, check_trainable
 from .shards import ShardTask, partition_rows
 
 __all__ = [
     "HeadConfig", "OptimizerConfig", "TrainConfig", "TrainResult", "TrainingWarning", "RoundState",
     "ShardTask", "ShardResult", "build_head", "head_from_params", "head_params", "load_params", "fit_shard",
     "combine", "average", "train_head", "check_resume", "load_checkpoint", "rounds_per_epoch",
-    "partition_rows", "lr_at", "TrainRun", "RunState", "RoundPlan",
+    "partition_rows", "lr_at", "TrainRun", "RunState", "RoundPlan", "check_trainable",
 ]

@@ -85,6 +85,25 @@ class RoundPlan:
         return [t.part for t in self.tasks]
 
 
+def check_trainable(store: Any, config: TrainConfig) -> np.ndarray:
+    """What training refuses about a store, checked without an engine (``api.train`` calls
+    it before starting one): unfinished chunks, no train rows, class weights that do not fit.
+    Returns the train rows."""
+    store.require_complete("training")
+    train_rows = store.split_rows("train")
+    if len(train_rows) == 0:
+        raise StoreError(f"The feature store {store.url!r} has no training rows: featurize "
+                         f"with a split that has a train part, e.g. "
+                         f"--split train=0.7,val=0.1,test=0.2.")
+    cw = config.class_weights
+    if cw is not None and cw != "balanced" and len(cw) != len(store.classes):
+        raise InvalidParameterError(
+            f"The 'class_weights' parameter has {len(cw)} weights but the store has "
+            f"{len(store.classes)} classes: give one weight per class, or 'balanced'.",
+            param="class_weights")
+    return train_rows
+
+
 class TrainRun:
     """A training run in ``out_dir`` (a local folder or an fsspec URL), started or resumed.
 
@@ -108,27 +127,15 @@ class TrainRun:
         self.plot, self.callback = plot, callback
         check_model_dir(out_dir, store_url)
         self.store = store = open_store(store_url, storage_options=storage_options)
-        if not store.is_complete():
-            raise StoreError(f"The feature store {store_url!r} is not complete "
-                             f"({len(store.pending_chunks())} chunks missing): run featurize "
-                             f"again to finish it before training.")
+        train_rows = check_trainable(store, cfg)
         self.classes = store.classes
         self.in_dim = store.feature_dim
-        train_rows = store.split_rows("train")
         self.n_train, self.n_val = len(train_rows), len(store.split_rows("val"))
-        if self.n_train == 0:
-            raise StoreError(f"The feature store {store_url!r} has no training rows: featurize "
-                             f"with a split that has a train part, e.g. "
-                             f"--split train=0.7,val=0.1,test=0.2.")
         n_classes = len(self.classes)
         class_weights = cfg.class_weights
         if class_weights == "balanced":
             labels = np.asarray(store["labels"][:])[train_rows]
             class_weights = balanced_class_weights(labels, n_classes)
-        elif class_weights is not None and len(class_weights) != n_classes:
-            raise InvalidParameterError(
-                f"The 'class_weights' parameter has {len(class_weights)} weights but the store "
-                f"has {n_classes} classes: give one weight per class, or 'balanced'.")
         self.class_weights = class_weights
         self.key = store_key(store.attrs)
         self.rounds_per_epoch = rounds_per_epoch(self.n_train, cfg.workers,
