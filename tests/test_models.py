@@ -90,7 +90,7 @@ def test_lite0_logits_match_reference(reference_logits, lite0_logits, fold_bn):
     x, ref = reference_logits
     ours = lite0_logits if fold_bn else create_backbone("efficientnet_lite0", layer="logits",
                                                         fold_bn=False)
-    assert ours.body.folded == fold_bn
+    assert (not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())) == fold_bn
     with torch.no_grad():
         got = ours(x)
     assert got.shape == ref.shape == (5, 1000)
@@ -153,19 +153,18 @@ def test_lite0_widths_equal_model_info_and_later_layers_are_dropped():
     assert info.default_layer == "pool"
     assert info.layers == {"stem": 32, "blocks.0": 16, "blocks.1": 24, "blocks.2": 40,
                            "blocks.3": 80, "blocks.4": 112, "blocks.5": 192, "blocks.6": 320,
-                           "pool": 1280, "logits": 1000}
+                           "conv_head": 1280, "pool": 1280, "logits": 1000}
+    assert info.map_layers == tuple(list(info.layers)[:-2])
     x = torch.randn(1, 3, 64, 64)
     for layer, width in info.layers.items():
         b = create_backbone("efficientnet_lite0", layer=layer, pretrained=False)
         assert b.feature_dim == width and b.spec.layer == layer
         assert b(x).shape == (1, width), layer
-        body = b.body
-        if layer == "stem" or layer.startswith("blocks."):
-            n = 0 if layer == "stem" else int(layer.split(".")[1]) + 1
-            assert len(body.blocks) == n
-            assert not hasattr(body, "conv_head") and not hasattr(body, "classifier")
-        if layer == "pool":
-            assert not hasattr(body, "classifier")
+        # the body holds the stages up to the layer, then the pooling of a map layer
+        names = [n for n, _ in b.body.named_children()]
+        upto = list(info.layers)[:list(info.layers).index(layer) + 1]
+        assert names == [n.replace(".", "_") for n in upto] + (
+            ["global_pool"] if layer in info.map_layers else [])
 
 
 def test_lite_sizes_and_preprocessing():
@@ -216,7 +215,7 @@ def test_backbone_is_frozen_eval_and_channels_last():
     b.train()
     assert not b.training and not any(m.training for m in b.modules())
     assert not any(p.requires_grad for p in b.parameters())
-    assert b.body.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert b.body.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     y = b(torch.randn(1, 3, 64, 64, requires_grad=True))
     assert y.shape == (1, 24)
     with pytest.raises(InvalidParameterError, match=r"\(B, 3, H, W\)"):
@@ -402,7 +401,7 @@ def test_resnet50_from_the_torch_hub_cache(resnet50_files, offline_hub):
         want = resnet50_functional(sd, x, "pool")
         assert torch.allclose(b(x), want, rtol=1e-4, atol=1e-4 * want.abs().max())
     widths = get_model_info("resnet50").layers
-    assert widths == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048,
+    assert widths == {"stem": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048,
                       "pool": 2048, "logits": 1000}
 
 
@@ -453,7 +452,9 @@ def test_vgg16_from_the_torch_hub_cache(offline_hub):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
     del b
     b = create_backbone("vgg16", layer="pool5")
-    assert not hasattr(b.body, "classifier") and len(b.body.features) == 31
+    names = [n for n, _ in b.body.named_children()]
+    assert names[-2:] == ["pool5", "global_pool"] and "fc1" not in names
+    assert sum(1 for m in b.body.modules() if isinstance(m, nn.Conv2d)) == 13
     with torch.no_grad():
         want = vgg16_functional(sd, x, "pool5")
         assert torch.allclose(b(x), want, rtol=1e-4, atol=1e-5 * want.abs().max())
@@ -476,17 +477,20 @@ def test_list_models_and_register_model(monkeypatch):
 
     monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
 
+    from deeptransfer.models import GlobalAvgPool, Stage
+
     class Tiny(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 5, 3)
 
-        def forward(self, x):
-            return self.conv(x).mean((2, 3))
+        def stages(self):
+            return [Stage("conv", self.conv, True), Stage("pool", GlobalAvgPool(), False)]
 
     @register_model("tiny_test")
     def tiny_test() -> ModelDef:
-        info = ModelInfo(name="tiny_test", default_layer="pool", layers={"pool": 5},
+        info = ModelInfo(name="tiny_test", default_layer="pool", layers={"conv": 5, "pool": 5},
+                         map_layers=("conv",),
                          preprocess=Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3),
                          weights_source="none")
         return ModelDef(info=info, build=lambda **kw: (Tiny(), "random"))
@@ -494,6 +498,8 @@ def test_list_models_and_register_model(monkeypatch):
     assert "tiny_test" in list_models()
     b = create_backbone("tiny_test")
     assert b(torch.randn(2, 3, 8, 8)).shape == (2, 5) and b.weights_source == "random"
+    assert create_backbone("tiny_test", layer="conv", pooled=False)(
+        torch.randn(2, 3, 8, 8)).shape == (2, 5, 6, 6)
     with pytest.raises(InvalidParameterError, match="already registered"):
         register_model("tiny_test")(lambda: None)
     with pytest.raises(InvalidParameterError, match="':'"):
@@ -535,6 +541,9 @@ class _TinyTimm(nn.Module):
 
     def forward_features(self, x):
         return torch.relu(self.conv(x))
+
+    def get_classifier(self):
+        return self.head
 
     def forward_head(self, x, pre_logits: bool = False):
         x = x.mean((2, 3))

