@@ -39,6 +39,7 @@ class FeaturizeSpec:
     # the same images give the same store on every engine.
     threads: int = 1
     views: str = "center"  # "center", or "center+flip": mean features of the image and its mirror
+    keep_maps: bool = False  # store the cut's (C, H, W) map, not its global average
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # a larger file is skipped, never read
 
     @property
@@ -75,9 +76,15 @@ class _Runner:
             raise EngineUnavailableError(
                 "device='cuda' was asked for but torch sees no CUDA GPU on this worker. "
                 "Run on a GPU machine, or use device='cpu'.")
-        self.backbone = create_backbone(spec.model)
+        self.backbone = create_backbone(spec.model, pooled=not spec.keep_maps)
         self.pp = self.backbone.preprocess
         self.feature_dim = self.backbone.feature_dim
+        #: the shape of one image's features: (D,), or (C, H, W) for a kept map
+        self.feature_shape: tuple[int, ...] = (self.feature_dim,)
+        if spec.keep_maps:
+            from .models import map_shape
+
+            self.feature_shape = map_shape(spec.model, spec.model.layer)
         self.batch_size = spec.batch_size
         module: Any = self.backbone.to(self.device).to(memory_format=torch.channels_last)
         self.dtype = torch.float32
@@ -125,7 +132,8 @@ RUNNERS = "runner"
 
 def get_runner(spec: FeaturizeSpec) -> _Runner:
     """The process's runner for a spec (built on first use; any store's tasks share it)."""
-    parts = (spec.model, spec.batch_size, spec.compile, spec.device, spec.precision)
+    parts = (spec.model, spec.keep_maps, spec.batch_size, spec.compile, spec.device,
+             spec.precision)
     return worker_state.get(RUNNERS, parts, lambda: _Runner(spec))
 
 
@@ -146,12 +154,17 @@ def view_features(module: Any, x: Any, views: str) -> Any:
     Flipping a center crop left-right is a view the network was trained to see; averaging
     the two feature vectors is the cheapest test-time augmentation (2x the forward cost).
     The mirror image is made where the batch is (on the GPU under dask-cuda), not copied in.
+    A map (B, C, H, W) of the mirror is flipped back before the average, so that the two
+    maps line up; a global average is unchanged by that, so pooled features are as before.
     """
     import torch
 
     out = module(x)
     if views == "center+flip":
-        out = (out + module(torch.flip(x, dims=[3]))) * 0.5
+        mirror = module(torch.flip(x, dims=[3]))
+        if mirror.dim() == 4:
+            mirror = torch.flip(mirror, dims=[3])
+        out = (out + mirror) * 0.5
     return out
 
 
@@ -241,7 +254,7 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
     from .kernels import decode_image
 
     n = len(sources)
-    feats = np.zeros((n, runner.feature_dim), np.float32)
+    feats = np.zeros((n, *runner.feature_shape), np.float32)
     reasons = [""] * n
     rows: list[int] = []
     images: list[np.ndarray] = []
@@ -281,7 +294,7 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
                 flush()
         if images:
             flush()
-    for r in np.flatnonzero(~np.isfinite(feats).all(axis=1)):
+    for r in np.flatnonzero(~np.isfinite(feats.reshape(n, -1)).all(axis=1)):
         feats[r] = 0.0
         if not reasons[r]:
             reasons[r] = "non-finite features"
