@@ -381,6 +381,12 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
             help="stop after this many epochs without validation improvement")
     _option(t, "--seed", type=_int_type(0),
             help="seed of the head's initialization, partitions, shuffles and dropout")
+    _option(t, "--train-from", metavar="STAGE",
+            help="for a store of maps (featurize --keep-maps): the first backbone stage to "
+                 "fine-tune, the stage after the store's layer (the default, 'none' here); "
+                 "'head' trains the head alone on the pooled maps")
+    _option(t, "--suffix-lr-scale", type=_float_type(0.0, low_open=True),
+            help="learning rate of the fine-tuned stages = --lr x this")
     t.add_argument("--no-resume", action="store_true",
                    help="start over instead of resuming the run checkpointed in MODEL_DIR")
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -425,7 +431,7 @@ _EXTRA_COMMANDS.append(("train", _add_train))
 _TRAIN_FLAGS = ("batch_size_per_worker", "averaging_frequency", "epochs", "lr", "optimizer",
                 "momentum", "weight_decay", "schedule", "head", "dropout", "input_dropout",
                 "batch_norm", "label_smoothing", "class_weights", "save_updater", "repartition",
-                "patience", "seed")
+                "patience", "seed", "train_from", "suffix_lr_scale")
 
 
 # -- arguments in the wrong order ----------------------------------------------------------

@@ -132,12 +132,13 @@ class PredictTask:
 
 @dataclass(frozen=True)
 class PredictState:
-    """Broadcast once per pass: the head and its parameters."""
+    """Broadcast once per pass: the trainable module's spec and its parameters."""
 
     head: Any  # HeadConfig (or its dict)
     in_dim: int
     n_classes: int
     params: Mapping[str, np.ndarray]
+    suffix: Any = None  # training.trainable.SuffixSpec (or its dict); None: the head alone
 
 
 @dataclass
@@ -152,8 +153,9 @@ def predict_rows(task: PredictTask, shared: PredictState) -> Predictions:
     import torch
 
     from .training.averaging import one_torch_thread
-    from .training.heads import head_from_params
+    from .training.heads import HeadConfig
     from .training.shards import feature_parts, read_cached, split_rows
+    from .training.trainable import SuffixSpec, trainable_from_params
 
     rows = split_rows(task.store_url, task.split, task.storage_options, task.store_key)
     rows = rows[task.start:task.stop]
@@ -165,8 +167,9 @@ def predict_rows(task: PredictTask, shared: PredictState) -> Predictions:
 
         x, y = cached_store(task.store_url, task.storage_options).read_rows(rows)
     with one_torch_thread(), torch.no_grad():
-        head = head_from_params(shared.head, shared.params, in_dim=shared.in_dim,
-                                n_classes=shared.n_classes)
+        head = trainable_from_params(SuffixSpec.from_dict(shared.suffix),
+                                     HeadConfig.from_dict(shared.head), shared.params,
+                                     in_dim=shared.in_dim, n_classes=shared.n_classes)
         # a copy: cached blocks are read-only, which torch.from_numpy warns about
         logits = head(torch.from_numpy(np.array(x, dtype=np.float32, order="C"))).numpy()
     return Predictions(rows=np.asarray(rows), logits=logits.astype(np.float32, copy=False),
@@ -175,8 +178,9 @@ def predict_rows(task: PredictTask, shared: PredictState) -> Predictions:
 
 def predict_split(executor: Executor, store_url: str, params: Mapping[str, np.ndarray],
                   head_config: Any, split: str = "test", *, storage_options: Mapping | None = None,
-                  block_rows: int = 4096, cache_bytes: int = 0) -> Predictions:
-    """Logits of the head on every (featurized) row of a split, in store order."""
+                  block_rows: int = 4096, cache_bytes: int = 0, suffix: Any = None) -> Predictions:
+    """Logits of the trained module (``suffix``, then the head) on every featurized row of a
+    split, in store order."""
     from .store import cached_store
     from .training.shards import store_key
 
@@ -187,7 +191,7 @@ def predict_split(executor: Executor, store_url: str, params: Mapping[str, np.nd
     key = store_key(store.attrs)
     tasks = [PredictTask(store_url, split, s, min(s + block_rows, n), dict(storage_options or {}),
                          key, cache_bytes) for s in range(0, n, block_rows)]
-    state = PredictState(head_config, store.feature_dim, c, params)
+    state = PredictState(head_config, store.feature_dim, c, params, suffix)
     logits = np.zeros((n, c), np.float32)
     labels = np.zeros(n, np.int64)
     for i, p in executor.map_unordered(predict_rows, tasks, shared=state):
@@ -199,14 +203,15 @@ def predict_split(executor: Executor, store_url: str, params: Mapping[str, np.nd
 
 def evaluate(executor: Executor, store_url: str, params: Mapping[str, np.ndarray], head_config: Any,
              split: str = "test", *, storage_options: Mapping | None = None,
-             block_rows: int = 4096) -> dict[str, Any]:
-    """Metrics (see ``metrics``) of a trained head on a split of the store, plus its loss."""
+             block_rows: int = 4096, suffix: Any = None) -> dict[str, Any]:
+    """Metrics (see ``metrics``) of a trained head (on a ``suffix``) on a split of the
+    store, plus its loss."""
     from .store import cached_store
 
     store = cached_store(store_url, storage_options)
     check_split_has_rows(store, split, store_url)
     p = predict_split(executor, store_url, params, head_config, split,
-                      storage_options=storage_options, block_rows=block_rows)
+                      storage_options=storage_options, block_rows=block_rows, suffix=suffix)
     m = metrics(p.labels, p.logits, store.classes)
     m["loss"] = cross_entropy(p.labels, p.logits)
     m["split"] = split

@@ -1,7 +1,8 @@
 """Parameter averaging: the engine-agnostic steps of one averaging round.
 
-DL4J's ``ParameterAveragingTrainingMaster`` semantics: the driver broadcasts the head's
-parameters (and, with ``save_updater``, the optimizer state); each worker fits
+DL4J's ``ParameterAveragingTrainingMaster`` semantics: the driver broadcasts the trainable
+module's parameters (the head's, and the fine-tuned backbone stages' with a ``suffix``;
+``trainable.py``) (and, with ``save_updater``, the optimizer state); each worker fits
 ``averaging_frequency`` minibatches of ``batch_size_per_worker`` of its own rows starting from
 them; the results are summed (a tree reduction on the engine) and divided by the number of
 workers, every worker weighing the same. With ``save_updater=False`` the optimizer state is
@@ -32,10 +33,11 @@ import numpy as np
 import torch
 
 from .. import worker_state
-from .heads import (HeadConfig, build_head, has_batch_norm, head_params, load_params, loss_fn,
+from .heads import (HeadConfig, has_batch_norm, head_params, load_params, loss_fn,
                     set_dropout_generator)
 from .optim import OptimizerConfig, export_state, import_state, init_state, make_optimizer
 from .shards import ShardTask, load_round
+from .trainable import SUFFIX, SuffixSpec, build_trainable
 
 __all__ = ["RoundState", "ShardResult", "ShardTask", "fit_shard", "combine", "average",
            "round_seed", "one_torch_thread"]
@@ -59,6 +61,8 @@ class RoundState:
     save_updater: bool = True
     label_smoothing: float = 0.0
     class_weights: tuple[float, ...] | None = None
+    suffix: SuffixSpec | None = None  # the backbone stages trained in front of the head
+    suffix_lr_scale: float = 1.0  # their learning rate is lr x this
 
 
 @dataclass
@@ -106,11 +110,14 @@ HEAD_CACHE_BYTES = 256 << 20
 
 
 def _head(shared: RoundState) -> torch.nn.Module:
-    """The head module, reused within a worker thread (its parameters are loaded each call)."""
+    """The trainable module (suffix + head), reused within a worker thread (its parameters
+    are loaded each call)."""
+    suffix = None if shared.suffix is None else json_key(shared.suffix.to_dict())
     parts = (threading.get_ident(), json_key(shared.head.to_dict()), shared.in_dim,
-             shared.n_classes)
+             shared.n_classes, suffix)
     return worker_state.get(
-        HEADS, parts, lambda: build_head(shared.head, shared.in_dim, shared.n_classes, seed=0),
+        HEADS, parts,
+        lambda: build_trainable(shared.suffix, shared.head, shared.in_dim, shared.n_classes),
         nbytes=lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values()),
         cap=HEAD_CACHE_BYTES)
 
@@ -132,7 +139,8 @@ def fit_shard(task: ShardTask, shared: RoundState) -> ShardResult:
         head = _head(shared)
         load_params(head, shared.params)
         head.train()
-        opt = make_optimizer(shared.optimizer, head, shared.lr)
+        scales = {f"{SUFFIX}.": shared.suffix_lr_scale} if shared.suffix is not None else None
+        opt = make_optimizer(shared.optimizer, head, shared.lr, scales)
         if shared.optimizer.has_state:
             state = shared.opt_state if (shared.save_updater and shared.opt_state is not None) \
                 else init_state(shared.optimizer, head)

@@ -73,6 +73,10 @@ class TrainConfig:
     min_delta: float = 0.0  # smallest change of the monitored score that counts as better
     val_block_rows: int = 4096  # rows per validation task
     cache_bytes: int = 1 << 30  # per worker process: cap of the cached training features
+    # the first backbone stage trained, for a store of maps: None -> the stage after the
+    # store's cut (fine-tuning); "head" -> the head alone on the pooled maps
+    train_from: str | None = None
+    suffix_lr_scale: float = 0.1  # learning rate of the fine-tuned stages = lr x this
 
     def __post_init__(self) -> None:
         w = "TrainConfig"
@@ -104,6 +108,13 @@ class TrainConfig:
         object.__setattr__(self, "min_delta", check_float("min_delta", self.min_delta, low=0.0, where=w))
         check_int("val_block_rows", self.val_block_rows, low=1, where=w)
         check_int("cache_bytes", self.cache_bytes, low=0, where=w)
+        if self.train_from is not None and (not isinstance(self.train_from, str)
+                                            or not self.train_from):
+            raise InvalidParameterError(
+                f"The 'train_from' parameter of TrainConfig must be a layer name, 'head' or "
+                f"None. Got {self.train_from!r} instead.", param="train_from")
+        object.__setattr__(self, "suffix_lr_scale", check_float(
+            "suffix_lr_scale", self.suffix_lr_scale, low=0.0, low_open=True, where=w))
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -140,13 +151,14 @@ class TrainResult:
     out_dir: str
     reused: bool = False  # the run in out_dir was already finished: nothing was trained
     warnings: list[str] = field(default_factory=list)  # surprises to tell the user (one line each)
+    suffix: Any = None  # the fine-tuned backbone stages (trainable.SuffixSpec); None: head only
 
     def module(self):
-        """The best head as a torch module in eval mode."""
-        from .heads import head_from_params
+        """The best trained module (suffix, then head) in eval mode."""
+        from .trainable import trainable_from_params
 
-        return head_from_params(self.head, self.params, in_dim=self.feature_dim,
-                                n_classes=len(self.classes))
+        return trainable_from_params(self.suffix, self.head, self.params,
+                                     in_dim=self.feature_dim, n_classes=len(self.classes))
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -301,9 +313,15 @@ NO_VAL_WARNING = (
 
 def _identity(cfg: TrainConfig, store: Any) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the options and the training data."""
-    return {"config": cfg.to_dict(), "store_key": store_key(store.attrs),
-            "n_train": len(store.split_rows("train")), "n_val": len(store.split_rows("val")),
-            "classes": store.classes, "feature_dim": store.feature_dim}
+    from .trainable import SuffixSpec
+
+    ident = {"config": cfg.to_dict(), "store_key": store_key(store.attrs),
+             "n_train": len(store.split_rows("train")), "n_val": len(store.split_rows("val")),
+             "classes": store.classes, "feature_dim": store.feature_dim}
+    suffix = SuffixSpec.from_store(store.attrs, cfg.train_from)
+    if suffix is not None:
+        ident["suffix"] = suffix.to_dict()
+    return ident
 
 
 def check_resume(out_dir: str, store_url: str, config: TrainConfig | Mapping[str, Any] | None,

@@ -117,14 +117,24 @@ def lr_at(cfg: OptimizerConfig, epoch: int, round: int, rounds_per_epoch: int,  
     return float(lr)
 
 
-def make_optimizer(cfg: OptimizerConfig, module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """A torch optimizer over the head's parameters, with no state yet."""
-    decay, no_decay = [], []
-    for _, p in module.named_parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def make_optimizer(cfg: OptimizerConfig, module: torch.nn.Module, lr: float,
+                   lr_scales: Mapping[str, float] | None = None) -> torch.optim.Optimizer:
+    """A torch optimizer over the module's trainable parameters, with no state yet.
+
+    Parameter groups: weight decay on weights only (see the module docstring), and a
+    layer-wise learning rate: a parameter whose name starts with a key of ``lr_scales``
+    (e.g. ``{"suffix.": 0.1}``, the fine-tuned backbone stages) gets ``lr * scale``.
+    Parameters with ``requires_grad=False`` are not in any group.
+    """
+    by_kind: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((s for pre, s in (lr_scales or {}).items() if name.startswith(pre)), 1.0)
+        by_kind.setdefault((float(scale), p.ndim >= 2), []).append(p)
+    # (single-tensor updates: a parameter's update does not depend on its group's order)
+    groups = [{"params": ps, "lr": lr * scale, "weight_decay": cfg.weight_decay if decays else 0.0}
+              for (scale, decays), ps in by_kind.items()]
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.name == "nesterov",

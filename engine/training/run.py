@@ -33,12 +33,13 @@ from ..store import open_store
 from . import checkpoint as ck
 from .averaging import RoundState, ShardResult, average, combine, fit_shard
 from .checkpoint import STATE_KEYS, CheckpointWriter, RunDir
-from .heads import balanced_class_weights, build_head, head_params
+from .heads import balanced_class_weights, head_params
 from .loop import (NO_VAL_WARNING, PLOT, PLOT_EVERY_S, ROUNDS, VAL_METRICS, TrainConfig,
                    TrainingWarning, TrainResult, _diverged, _identity, _non_finite,
                    continue_with, early_stop, round_tasks, rounds_per_epoch)
 from .optim import init_state, lr_at
 from .shards import ShardTask, store_key
+from .trainable import SuffixSpec, build_trainable
 
 __all__ = ["RunState", "RoundPlan", "TrainRun"]
 
@@ -87,7 +88,8 @@ class RoundPlan:
 
 def check_trainable(store: Any, config: TrainConfig) -> np.ndarray:
     """What training refuses about a store, checked without an engine (``api.train`` calls
-    it before starting one): unfinished chunks, no train rows, class weights that do not fit.
+    it before starting one): unfinished chunks, no train rows, a ``train_from`` that does not
+    fit the store, class weights that do not fit.
     Returns the train rows."""
     store.require_complete("training")
     train_rows = store.split_rows("train")
@@ -95,6 +97,7 @@ def check_trainable(store: Any, config: TrainConfig) -> np.ndarray:
         raise StoreError(f"The feature store {store.url!r} has no training rows: featurize "
                          f"with a split that has a train part, e.g. "
                          f"--split train=0.7,val=0.1,test=0.2.")
+    SuffixSpec.from_store(store.attrs, config.train_from)  # --train-from fits the store
     cw = config.class_weights
     if cw is not None and cw != "balanced" and len(cw) != len(store.classes):
         raise InvalidParameterError(
@@ -130,6 +133,8 @@ class TrainRun:
         train_rows = check_trainable(store, cfg)
         self.classes = store.classes
         self.in_dim = store.feature_dim
+        #: the backbone stages trained in front of the head (None: the head alone)
+        self.suffix = SuffixSpec.from_store(store.attrs, cfg.train_from)
         self.n_train, self.n_val = len(train_rows), len(store.split_rows("val"))
         n_classes = len(self.classes)
         class_weights = cfg.class_weights
@@ -161,7 +166,9 @@ class TrainRun:
             ck.truncate_rounds(self.dir, ROUNDS, self.state.global_round)
         else:
             self.reused = False
-            head = build_head(cfg.head, self.in_dim, n_classes, seed=cfg.seed)
+            # the suffix starts from the backbone's weights, the head from the seed
+            head = build_trainable(self.suffix, cfg.head, self.in_dim, n_classes, seed=cfg.seed,
+                                   pretrained=True)
             self.params = head_params(head)
             self.opt_state = init_state(cfg.optimizer, head) if self.keeps_state else None
             self.best_params = None
@@ -197,7 +204,8 @@ class TrainRun:
                             batch_size=cfg.batch_size_per_worker,
                             save_updater=cfg.save_updater,
                             label_smoothing=cfg.label_smoothing,
-                            class_weights=self.class_weights)
+                            class_weights=self.class_weights, suffix=self.suffix,
+                            suffix_lr_scale=cfg.suffix_lr_scale)
         return RoundPlan(epoch=epoch, round=rnd, lr=lr, tasks=tasks, shared=shared)
 
     def run_round(self, executor: Executor, plan: RoundPlan) -> dict[str, Any]:
@@ -269,7 +277,8 @@ class TrainRun:
         if self.n_val:
             pred = predict_split(executor, self.store_url, self.params, cfg.head, "val",
                                  storage_options=self.storage_options,
-                                 block_rows=cfg.val_block_rows, cache_bytes=cfg.cache_bytes)
+                                 block_rows=cfg.val_block_rows, cache_bytes=cfg.cache_bytes,
+                                 suffix=self.suffix)
             val_m = metrics(pred.labels, pred.logits, self.classes)
             val_m["loss"] = cross_entropy(pred.labels, pred.logits)
             top = topk_key(val_m)  # top5, or top{k} with fewer than 5 classes
@@ -331,7 +340,8 @@ class TrainRun:
             feature_dim=self.in_dim, config=self.config, history=list(st.history),
             best=st.best, best_metrics=best_metrics, rounds=st.global_round,
             rounds_per_epoch=self.rounds_per_epoch, stopped_early=st.stopped_early,
-            out_dir=self.out_dir, reused=self.reused, warnings=list(self.warnings))
+            out_dir=self.out_dir, reused=self.reused, warnings=list(self.warnings),
+            suffix=self.suffix)
 
     def finish(self) -> TrainResult:
         """Once done: wait for the last checkpoint, draw the chart, save the model

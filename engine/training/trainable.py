@@ -80,17 +80,17 @@ class SuffixSpec:
         """
         from ..models import get_model_info
 
-        model = dict(attrs["model"])
-        layer = attrs.get("layer") or model.get("layer")
-        shape = tuple(int(x) for x in attrs.get("feature_shape") or (attrs["feature_dim"],))
         if not attrs.get("maps"):
             if train_from not in (None, HEAD_ONLY):
                 raise InvalidParameterError(
                     f"--train-from {train_from} needs a store of maps, and this store holds "
-                    f"pooled {layer} vectors: featurize again with --keep-maps at the layer "
-                    f"before {train_from} (e.g. --layer blocks.5 --keep-maps for blocks.6).",
-                    param="train_from")
+                    f"pooled {attrs.get('layer') or ''} vectors: featurize again with "
+                    f"--keep-maps at the layer before {train_from} (e.g. --layer blocks.5 "
+                    f"--keep-maps for blocks.6).", param="train_from")
             return None
+        model = dict(attrs["model"])
+        layer = attrs.get("layer") or model.get("layer")
+        shape = tuple(int(x) for x in attrs.get("feature_shape") or (attrs["feature_dim"],))
         info = get_model_info(model["name"])
         after = info.next_layer(layer)
         if train_from == HEAD_ONLY:
