@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -31,12 +31,15 @@ from .errors import DeeptransferError, InvalidParameterError, StoreError, check_
 from .files import atomic_write, make_dirs
 from .modeldir import CONFIG, HEAD, MODEL_FORMAT as FORMAT
 
+if TYPE_CHECKING:
+    from .training.trainable import SuffixSpec
+
 
 def model_files(*, params: Mapping[str, np.ndarray], head_config: Mapping[str, Any],
                 store_attrs: Mapping[str, Any], classes: Sequence[str],
                 training: Mapping[str, Any] | None = None,
                 metrics: Mapping[str, Any] | None = None,
-                suffix: Any = None) -> dict[str, bytes]:
+                suffix: "SuffixSpec | Mapping[str, Any] | None" = None) -> dict[str, bytes]:
     """The bytes of ``head.safetensors`` and ``config.json``, in the order they are written.
 
     ``params``: the trainable module's state_dict (``suffix.*``, then the head's);
@@ -71,7 +74,8 @@ def model_files(*, params: Mapping[str, np.ndarray], head_config: Mapping[str, A
 def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray],
                head_config: Mapping[str, Any], store_attrs: Mapping[str, Any],
                classes: Sequence[str], training: Mapping[str, Any] | None = None,
-               metrics: Mapping[str, Any] | None = None, suffix: Any = None) -> Path:
+               metrics: Mapping[str, Any] | None = None,
+               suffix: "SuffixSpec | Mapping[str, Any] | None" = None) -> Path:
     """Write ``config.json`` and ``head.safetensors`` (atomically, file by file, umask modes);
     the arguments are ``model_files``'."""
     d = Path(model_dir)
@@ -84,7 +88,7 @@ def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray]
     return d
 
 
-def _suffix_dict(suffix: Any) -> dict[str, Any] | None:
+def _suffix_dict(suffix: "SuffixSpec | Mapping[str, Any] | None") -> dict[str, Any] | None:
     if suffix is None:
         return None
     return suffix.to_dict() if hasattr(suffix, "to_dict") else dict(suffix)
@@ -239,8 +243,9 @@ class TransferModel:
 
         x = np.asarray(features, np.float32)
         if x.shape[1:] != self.feature_shape:
+            shape = ", ".join(map(str, self.feature_shape))
             raise InvalidParameterError(
-                f"This model takes features of shape (n, {', '.join(map(str, self.feature_shape))}) "
+                f"This model takes features of shape (n, {shape}) "
                 f"({self.spec.name} {self.spec.layer} {'maps' if self.maps else 'vectors'}); "
                 f"got {x.shape}.")
         if self.feature_dtype == "float16":
