@@ -15,8 +15,9 @@ Spark's default) and runs the same per-image steps as ``deeptransfer.featurizati
 (``load_image`` / ``decode_image`` -> ``preprocess_batch`` -> ``runner.forward``), so the
 features equal the Zarr store's.
 
-A trained model directory (``deeptransfer train``) classifies images the same way, as a
-transformer or as a SQL function:
+A trained model directory (``deeptransfer train``) classifies images the same way (its
+frozen prefix, tuned suffix and head, as ``TransferModel.predict``), as a transformer or as
+a SQL function:
 
     from deeptransfer.adapters.spark_ml import DeepImagePredictor, register_predict_udf
     DeepImagePredictor(modelDir="model/", probabilityCol="probability").transform(df)
@@ -247,43 +248,41 @@ def _read_model(model_dir: str) -> dict:
     return {"files": files, "classes": list(model.classes), "key": key}
 
 
-_models: dict = {}
+#: kind of the saved models in the one worker cache (``deeptransfer.worker_state``)
+MODELS = "saved_model"
 
 
 def _worker_model(model: dict) -> Any:
-    """The model rebuilt from its files in a worker process, once per process and model."""
-    import os
-    import tempfile
+    """The model rebuilt from its files in a worker process, once per process and model (the
+    core's worker cache, keyed by the files' digest)."""
+    from deeptransfer import worker_state
 
-    import deeptransfer
+    def build() -> Any:
+        import os
+        import tempfile
 
-    key, files = model["key"], model["files"]
-    cached = _models.get(key)
-    if cached is not None:
-        return cached
-    with tempfile.TemporaryDirectory(prefix="deeptransfer-model-") as d:
-        for name, data in files.items():
-            with open(os.path.join(d, name), "wb") as f:
-                f.write(data)
-        loaded = _models[key] = deeptransfer.load(d)
-    return loaded
+        import deeptransfer
+
+        with tempfile.TemporaryDirectory(prefix="deeptransfer-model-") as d:
+            for name, data in model["files"].items():
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(data)
+            return deeptransfer.load(d)
+
+    return worker_state.get(MODELS, (model["key"],), build)
 
 
 def _predict_values(saved: dict, batch_size: int, values: List[Any]
                     ) -> List[Optional[np.ndarray]]:
-    """Class probabilities of each image (a path or encoded bytes); None where it fails."""
-    from deeptransfer.featurization import FeaturizeSpec, get_runner
+    """Class probabilities of each image (a path or encoded bytes); None where it fails.
 
+    ``TransferModel.predict_proba_sources`` does the work: the same prefix, tuned suffix,
+    head and views as ``predict``, with the runner from the core's cache.
+    """
     model = _worker_model(saved)
-    runner = get_runner(FeaturizeSpec(store_url="", model=model.spec, batch_size=batch_size))
-    feats = featurize_values(runner, values, views=model.views)  # the views it was trained on
-    ok = [i for i, f in enumerate(feats) if f is not None]
-    out: List[Optional[np.ndarray]] = [None] * len(values)
-    if ok:
-        probs = model.predict_proba_features(np.stack([feats[i] for i in ok]))
-        for j, i in enumerate(ok):
-            out[i] = probs[j].astype(np.float32)
-    return out
+    probs, reasons = model.predict_proba_sources([_source(v, None) for v in values],
+                                                 batch_size=batch_size)
+    return [None if reasons[i] else probs[i] for i in range(len(values))]
 
 
 _PREDICTION = StructType([StructField("label", StringType()),

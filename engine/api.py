@@ -281,11 +281,15 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     st = open_store(store, storage_options=storage_options)
     st.require_complete("evaluating")
     ev.check_split_has_rows(st, split, store)  # an empty split has no metrics (NaN)
+    # the shape too: a model of blocks.5 maps and a store of pooled blocks.5 vectors share
+    # their width
+    shape = tuple(st.attrs.get("feature_shape") or (st.feature_dim,))
     if st.classes != model.classes or st.feature_dim != model.feature_dim or \
-            st.attrs.get("model") != model.config["backbone"]:
+            shape != model.feature_shape or st.attrs.get("model") != model.config["backbone"]:
         raise InvalidParameterError(
-            f"The model in {model_dir!r} was trained on other features (model, layer, classes or "
-            f"width differ from {store!r}): evaluate it on a store made with the same settings.")
+            f"The model in {model_dir!r} was trained on other features (model, layer, classes, "
+            f"width or shape differ from {store!r}): evaluate it on a store made with the same "
+            "settings.")
     if report_dir:
         check_report_dir(report_dir, model_dir=model_dir, store_url=store)
     with engine_scope(engine, workers, engine_options) as ex:

@@ -1,14 +1,20 @@
 """The saved model: one directory that rebuilds the whole image -> class pipeline.
 
     model/
-      config.json        format, backbone spec (model, layer, weights), preprocessing,
-                         feature width, classes, head config, training options, metrics
-                         (training's validation record; evaluate writes nothing here)
-      head.safetensors   the trained head's parameters (no pickle)
+      config.json        format, backbone spec (model, the store's cut, weights),
+                         preprocessing, feature width and shape, whether the store held maps,
+                         the tuned suffix's spec (null: a head on pooled vectors), classes,
+                         head config, training options, metrics (training's validation
+                         record; evaluate writes nothing here)
+      head.safetensors   the trained module's parameters ("suffix.*", then the head's; no
+                         pickle)
       rounds.jsonl, val_metrics.json, training.png, checkpoint.safetensors  (training)
 
-Prediction goes through exactly the featurize path (the same decode, kernels, backbone
-runner), so a prediction sees the features the head was trained on.
+A model runs in three parts: the frozen prefix (the backbone up to the store's cut, pooled
+or, for a store of maps, the (C, H, W) map), the tuned suffix (the stages after the cut, up
+to the pooled layer; none for a pooled store) and the head. Prediction goes through exactly
+the featurize path (the same decode, kernels, backbone runner), and its features are rounded
+to the store's dtype, so the trained part sees what it was trained (and evaluated) on.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -25,21 +31,34 @@ from .errors import DeeptransferError, InvalidParameterError, StoreError, check_
 from .files import atomic_write, make_dirs
 from .modeldir import CONFIG, HEAD, MODEL_FORMAT as FORMAT
 
+if TYPE_CHECKING:
+    from .training.trainable import SuffixSpec
+
 
 def model_files(*, params: Mapping[str, np.ndarray], head_config: Mapping[str, Any],
                 store_attrs: Mapping[str, Any], classes: Sequence[str],
                 training: Mapping[str, Any] | None = None,
-                metrics: Mapping[str, Any] | None = None) -> dict[str, bytes]:
-    """The bytes of ``head.safetensors`` and ``config.json``, in the order they are written."""
+                metrics: Mapping[str, Any] | None = None,
+                suffix: "SuffixSpec | Mapping[str, Any] | None" = None) -> dict[str, bytes]:
+    """The bytes of ``head.safetensors`` and ``config.json``, in the order they are written.
+
+    ``params``: the trainable module's state_dict (``suffix.*``, then the head's);
+    ``suffix``: its ``SuffixSpec`` (or its ``to_dict()``), None for a store of pooled vectors.
+    """
     from safetensors.numpy import save
 
     head = save({k: np.require(v, dtype=np.float32, requirements="C")
                  for k, v in params.items()}, metadata={"format": FORMAT})
+    dim = int(store_attrs["feature_dim"])
     config = {
         "format": FORMAT,
         "backbone": dict(store_attrs["model"]),
         "preprocess": dict(store_attrs["preprocess"]),
-        "feature_dim": int(store_attrs["feature_dim"]),
+        "feature_dim": dim,
+        "maps": bool(store_attrs.get("maps", False)),
+        "feature_shape": [int(x) for x in store_attrs.get("feature_shape") or (dim,)],
+        "feature_dtype": str(store_attrs.get("dtype") or "float32"),
+        "suffix": _suffix_dict(suffix),
         "classes": list(classes),
         "head": dict(head_config),
         "param_order": list(params),
@@ -55,16 +74,24 @@ def model_files(*, params: Mapping[str, np.ndarray], head_config: Mapping[str, A
 def save_model(model_dir: str | os.PathLike, *, params: Mapping[str, np.ndarray],
                head_config: Mapping[str, Any], store_attrs: Mapping[str, Any],
                classes: Sequence[str], training: Mapping[str, Any] | None = None,
-               metrics: Mapping[str, Any] | None = None) -> Path:
-    """Write ``config.json`` and ``head.safetensors`` (atomically, file by file, umask modes)."""
+               metrics: Mapping[str, Any] | None = None,
+               suffix: "SuffixSpec | Mapping[str, Any] | None" = None) -> Path:
+    """Write ``config.json`` and ``head.safetensors`` (atomically, file by file, umask modes);
+    the arguments are ``model_files``'."""
     d = Path(model_dir)
     make_dirs(d)
     # safetensors' own save_file writes 0600; the bytes go through our writer instead
     for name, data in model_files(params=params, head_config=head_config,
                                   store_attrs=store_attrs, classes=classes, training=training,
-                                  metrics=metrics).items():
+                                  metrics=metrics, suffix=suffix).items():
         atomic_write(d / name, data)
     return d
+
+
+def _suffix_dict(suffix: "SuffixSpec | Mapping[str, Any] | None") -> dict[str, Any] | None:
+    if suffix is None:
+        return None
+    return suffix.to_dict() if hasattr(suffix, "to_dict") else dict(suffix)
 
 
 def saved_model_matches(model_dir: str | os.PathLike, params: Mapping[str, np.ndarray],
@@ -113,13 +140,19 @@ class Prediction:
 
 
 class TransferModel:
-    """A loaded model directory: backbone spec + preprocessing + trained head."""
+    """A loaded model directory: backbone spec + preprocessing + the trained module.
+
+    ``trainable`` is the module trained on the store's features: the tuned suffix (for a
+    store of maps) and the head; ``predict`` runs the frozen prefix (``spec``, cut at the
+    store's layer, un-pooled when ``maps``) then ``trainable``.
+    """
 
     def __init__(self, model_dir: str | os.PathLike):
         from safetensors.numpy import load_file
 
         from .models import ModelSpec, Preprocess
-        from .training.heads import HeadConfig, head_from_params
+        from .training.heads import HeadConfig
+        from .training.trainable import SuffixSpec, trainable_from_params
 
         self.dir = Path(model_dir)
         cfg_path = self.dir / CONFIG
@@ -142,6 +175,13 @@ class TransferModel:
             self.preprocess = Preprocess.from_dict(pp)
             self.feature_dim = int(self.config["feature_dim"])
             self.head_config = HeadConfig.from_dict(self.config["head"])
+            # models saved before maps and suffixes have none of these keys: pooled vectors
+            self.maps = bool(self.config.get("maps", False))
+            self.feature_shape: tuple[int, ...] = tuple(
+                int(x) for x in self.config.get("feature_shape") or (self.feature_dim,))
+            self.feature_dtype = str(self.config.get("feature_dtype") or "float32")
+            self.suffix = SuffixSpec.from_dict(self.config.get("suffix"))
+            self._check_shapes(cfg_path)
         except DeeptransferError:
             raise
         except KeyError as exc:
@@ -152,8 +192,9 @@ class TransferModel:
         try:
             raw = load_file(str(head_path))
             self.params = {k: raw[k] for k in self.config.get("param_order", list(raw))}
-            self.head = head_from_params(self.head_config, self.params, in_dim=self.feature_dim,
-                                         n_classes=len(self.classes))
+            self.trainable = trainable_from_params(self.suffix, self.head_config, self.params,
+                                                   in_dim=self.feature_dim,
+                                                   n_classes=len(self.classes))
         except DeeptransferError:
             raise
         except FileNotFoundError:
@@ -164,33 +205,99 @@ class TransferModel:
             raise _damaged(head_path, f"cannot be loaded ({type(exc).__name__}: "
                                       f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
+    def _check_shapes(self, cfg_path: Path) -> None:
+        """The config's feature entries agree (a hand-edited or half-written one does not)."""
+        if self.feature_dtype not in ("float32", "float16"):
+            raise _damaged(cfg_path, f"has a bad feature_dtype {self.feature_dtype!r}")
+        if self.maps != (len(self.feature_shape) == 3) or self.feature_shape[0] != self.feature_dim:
+            raise _damaged(cfg_path, f"has feature_shape {list(self.feature_shape)} that does "
+                                     f"not fit maps={self.maps} and feature_dim={self.feature_dim}")
+        if self.maps != (self.suffix is not None) or (
+                self.suffix is not None and (tuple(self.suffix.in_shape) != self.feature_shape
+                                             or self.suffix.cut != self.spec.layer)):
+            raise _damaged(cfg_path, f"has a suffix {self.config.get('suffix')!r} that does not "
+                                     f"fit its features ({self.spec.layer} "
+                                     f"{'maps' if self.maps else 'vectors'} "
+                                     f"{list(self.feature_shape)})")
+
+    @property
+    def head(self) -> Any:
+        """The module from stored features to logits (``trainable``; its older name)."""
+        return self.trainable
+
     def __repr__(self) -> str:
-        return (f"TransferModel({self.spec.name}@{self.spec.layer} -> {self.head_config.kind} "
-                f"head, {len(self.classes)} classes)")
+        tuned = f" -> {self.suffix.train_from}.. tuned" if self.suffix and self.suffix.train_from \
+            else ""
+        return (f"TransferModel({self.spec.name}@{self.spec.layer}{tuned} -> "
+                f"{self.head_config.kind} head, {len(self.classes)} classes)")
 
     # -- features -> probabilities -------------------------------------------------------------
+    #: rows the trainable module runs on at once (a suffix's activations are ~6x a map's)
+    ROWS_PER_PASS = 256
+
     def predict_proba_features(self, features: np.ndarray) -> np.ndarray:
-        """Class probabilities for rows of stored features."""
+        """Class probabilities for rows of stored features: (n, D) vectors or (n, C, H, W)
+        maps, ``feature_shape`` after the first axis. Rounded to the store's dtype first
+        (a no-op on rows read from the store), so images and stored rows go the same way."""
         import torch
 
+        x = np.asarray(features, np.float32)
+        if x.shape[1:] != self.feature_shape:
+            shape = ", ".join(map(str, self.feature_shape))
+            raise InvalidParameterError(
+                f"This model takes features of shape (n, {shape}) "
+                f"({self.spec.name} {self.spec.layer} {'maps' if self.maps else 'vectors'}); "
+                f"got {x.shape}.")
+        if self.feature_dtype == "float16":
+            x = x.astype(np.float16).astype(np.float32)
+        out = np.empty((len(x), len(self.classes)), np.float32)
         with torch.inference_mode():
-            logits = self.head(torch.as_tensor(np.asarray(features, np.float32)))
-            return torch.softmax(logits, dim=1).numpy()
+            for i in range(0, len(x), self.ROWS_PER_PASS):
+                logits = self.trainable(torch.from_numpy(x[i:i + self.ROWS_PER_PASS]))
+                out[i:i + len(logits)] = torch.softmax(logits, dim=1).numpy()
+        return out
 
     # -- images -> probabilities ---------------------------------------------------------------
+    def runner(self, batch_size: int = 16) -> Any:
+        """The process's featurize runner for this model's prefix (the one worker cache)."""
+        from .featurization import FeaturizeSpec, get_runner
+
+        return get_runner(FeaturizeSpec(store_url="", model=self.spec, batch_size=batch_size,
+                                        keep_maps=self.maps))
+
+    def predict_proba_sources(self, sources: Sequence[Any], *, batch_size: int = 16,
+                              storage_options: Mapping | None = None
+                              ) -> tuple[np.ndarray, list[str]]:
+        """Class probabilities of image sources (paths, fsspec URLs or encoded bytes, as
+        ``featurization.featurize_sources`` takes them) and, for each, why it has none ("" if
+        it has; its row is then zeros). The one images -> prefix -> suffix -> head path of
+        ``predict`` and the Spark ML transformers; ``ROWS_PER_PASS`` images at a time, so
+        the memory stays bounded however many there are."""
+        from .featurization import featurize_sources
+
+        runner = self.runner(batch_size)
+        probs = np.zeros((len(sources), len(self.classes)), np.float32)
+        reasons: list[str] = []
+        step = max(self.ROWS_PER_PASS, batch_size)
+        for i in range(0, len(sources), step):
+            feats, why = featurize_sources(runner, list(sources[i:i + step]), views=self.views,
+                                           storage_options=storage_options)
+            ok = np.array([not r for r in why], dtype=bool)
+            if ok.any():
+                probs[i + np.flatnonzero(ok)] = self.predict_proba_features(feats[ok])
+            reasons += why
+        return probs, reasons
+
     def predict(self, paths: Sequence[str] | str, *, top_k: int = 5, batch_size: int = 16,
                 storage_options: Mapping | None = None) -> list[Prediction]:
         """Classify image files (paths or fsspec URLs); bad files get an ``error``, not a crash."""
-        from .featurization import FeaturizeSpec, featurize_sources, get_runner
-
         if isinstance(paths, (str, os.PathLike)):
             paths = [str(paths)]
         check_int("top_k", top_k, low=1, where="predict")
         k = min(top_k, len(self.classes))
-        runner = get_runner(FeaturizeSpec(store_url="", model=self.spec, batch_size=batch_size))
-        feats, reasons = featurize_sources(runner, [str(p) for p in paths], views=self.views,
-                                           storage_options=storage_options)
-        probs = self.predict_proba_features(feats)
+        probs, reasons = self.predict_proba_sources([str(p) for p in paths],
+                                                    batch_size=batch_size,
+                                                    storage_options=storage_options)
         out: list[Prediction] = []
         for i, p in enumerate(paths):
             if reasons[i]:
@@ -203,31 +310,39 @@ class TransferModel:
 
     # -- export -------------------------------------------------------------------------------
     def pipeline_module(self):
-        """backbone + head + softmax as one torch module on preprocessed NCHW input."""
+        """prefix + trainable (tuned suffix + head) + softmax as one torch module on
+        preprocessed NCHW input."""
         import torch
 
         from .featurization import view_features
         from .models import create_backbone
 
-        backbone = create_backbone(self.spec)
+        prefix = create_backbone(self.spec, pooled=not self.maps)
 
         class Pipeline(torch.nn.Module):
-            def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, views: str):
+            def __init__(self, backbone: torch.nn.Module, trainable: torch.nn.Module,
+                         views: str, half: bool):
                 super().__init__()
                 self.backbone = backbone
-                self.head = head
+                self.trainable = trainable
                 self.views = views
+                self.half = half
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                # the same views the features were made with, computed the same way
+                # the same views the features were made with, computed the same way, and
+                # rounded as the store rounded them
                 f = view_features(self.backbone, x, self.views)
-                return torch.softmax(self.head(f), dim=1)
+                if self.half:
+                    f = f.half().float()
+                return torch.softmax(self.trainable(f), dim=1)
 
-        return Pipeline(backbone, self.head, self.views).eval()
+        return Pipeline(prefix, self.trainable, self.views,
+                        self.feature_dtype == "float16").eval()
 
     def export(self, path: str | os.PathLike, *, format: str = "torchscript") -> Path:  # noqa: A002
-        """Export the whole pipeline for serving (input: preprocessed NCHW float32 images,
-        ``crop x crop``, any batch size; output: class probabilities).
+        """Export the whole pipeline (prefix, tuned suffix, head, softmax) for serving
+        (input: preprocessed NCHW float32 images, ``crop x crop``, any batch size; output:
+        class probabilities).
 
         The preprocessing (resize, crop, mean, std) and the class names are written beside it
         as ``<path>.json``. An existing file is replaced only if it is an earlier export, and
@@ -252,6 +367,7 @@ class TransferModel:
             export_onnx(module, example, path, input_name="image", output_name="probabilities")
         write_sidecar(path, {
             "model": self.spec.to_dict(), "views": self.views,
+            "suffix": self.suffix.to_dict() if self.suffix else None,
             "preprocess": self.preprocess.to_dict(), "classes": self.classes,
             "input": f"float32 NCHW, 3 x {crop} x {crop}, normalized", "output": "probabilities"})
         return path

@@ -413,7 +413,7 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
                    help="write the predictions to FILE instead: .jsonl (one JSON object per "
                         "line) or .csv; an existing file is never overwritten (default: stdout)")
 
-    x = command("export", help="export backbone + head for serving")
+    x = command("export", help="export the model (backbone, tuned suffix, head) for serving")
     x.add_argument("model_dir", help="model directory made by `deeptransfer train`")
     x.add_argument("output", help="file to write (and OUTPUT.json beside it)")
     x.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"],

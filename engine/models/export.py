@@ -4,8 +4,8 @@ known-harmless warnings and its failures.
     export_onnx(module, example, "pipeline.onnx", input_name="image", output_name="probabilities")
     export_torchscript(module, example, "pipeline.pt")
 
-``TransferModel.export`` uses these for backbone + head + softmax; a bare ``Backbone`` (or a
-prefix of one) exports the same way. The example fixes every size but the batch: the
+``TransferModel.export`` uses these for prefix + tuned suffix + head + softmax; a bare
+``Backbone`` (or a prefix of one) exports the same way. The example fixes every size but the batch: the
 models' padding and cuts are decided from the input's height and width, so an exported file
 takes ``crop x crop`` images only (ONNX declares it in the input's shape), any batch size.
 
