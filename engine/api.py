@@ -294,7 +294,7 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
         check_report_dir(report_dir, model_dir=model_dir, store_url=store)
     with engine_scope(engine, workers, engine_options) as ex:
         m = ev.evaluate(ex, store, model.params, model.head_config, split,
-                        storage_options=storage_options)
+                        storage_options=storage_options, suffix=model.suffix)
     if report_dir:
         write_report(report_dir, m, ev.format_report(m, title=f"{model_dir} on {store} [{split}]"),
                      ev.plot_confusion)

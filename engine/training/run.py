@@ -378,7 +378,8 @@ class TrainRun:
             training=training,
             metrics=jsonutil.finite({  # no val split: NaN -> null
                 "validation": res.best_metrics and headline(res.best_metrics),
-                "best": res.best, "rounds": res.rounds, "stopped_early": res.stopped_early}))
+                "best": res.best, "rounds": res.rounds, "stopped_early": res.stopped_early}),
+            suffix=res.suffix)
         if res.reused and not self.dir.local and all(
                 self.dir.exists(n) and self.dir.read_bytes(n) == b for n, b in files.items()):
             return
