@@ -120,7 +120,7 @@ def test_predict_on_files_gives_the_store_rows_probabilities(stores, trained):
     assert bad.label is None and "JPEG" in bad.error
 
 
-def test_spark_ml_predictor_runs_every_part(stores, trained):
+def test_spark_ml_runs_every_part(stores, trained):
     pytest.importorskip("pyspark")
     from deeptransfer.adapters import spark_ml
 
@@ -129,6 +129,11 @@ def test_spark_ml_predictor_runs_every_part(stores, trained):
     assert probs[-1] is None
     np.testing.assert_allclose(np.stack(probs[:-1]),
                                dt.load(trained).predict_proba_features(feats), atol=1e-6)
+    # the featurizer transformer takes a composite name too: the store's rows, bitwise
+    fz = spark_ml.DeepImageFeaturizer(modelName=LITE01, batchSize=4)
+    assert fz.feature_dim() == 2560
+    rows = spark_ml.featurize_values(get_runner(fz._spec()), paths[:3])
+    assert np.array_equal(np.stack(rows), feats[:3])
 
 
 def test_onnx_export_has_one_input_per_part_and_matches_predict(stores, trained, tmp_path):
