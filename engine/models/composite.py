@@ -1,7 +1,7 @@
 """Several backbones in one store: ``--model efficientnet_lite0+efficientnet_lite1``.
 
     from deeptransfer.models import composite
-    composite.parts_of("efficientnet_lite0+efficientnet_lite1")   # [Part(lite0 @ pool, 224 px), ...]
+    composite.parts_of("efficientnet_lite0+efficientnet_lite1")   # [Part(lite0 @ pool), ...]
     get_model_info("efficientnet_lite0+efficientnet_lite1").layers  # {"pool": 2560}
 
 A composite model is named by its parts joined with ``+`` (the API also takes a list of
@@ -81,7 +81,11 @@ def composite_name(model: Any) -> str:
     if name is None:
         raise InvalidParameterError(f"Not a model name: {model!r}.", param="model")
     names = name.split(SEP)
-    if any(not n.strip() for n in names) or len(names) < 2:
+    if len(names) < 2:
+        raise InvalidParameterError(
+            f"A list of models names several backbones (two or more); got {model!r}: give "
+            "one model as its name (str).", param="model")
+    if any(not n.strip() for n in names):
         raise InvalidParameterError(
             f"--model {name!r} has an empty part: name several backbones as "
             "'efficientnet_lite0+efficientnet_lite1' (or a list in the API).", param="model")
@@ -114,20 +118,14 @@ def composite_info(name: str) -> Any:
     ``preprocess`` is the first part's (a ModelInfo has one); each part's own is in
     ``parts_of`` and in the store's attributes, and that is the one each part runs with.
     """
-    from .registry import ModelInfo
+    from .registry import ModelInfo, get_model_info
 
     parts = parts_of(name)
     return ModelInfo(
         name=composite_name(name), default_layer=LAYER,
         layers={LAYER: sum(p.feature_dim for p in parts)}, preprocess=parts[0].preprocess,
         weights_source="; ".join(
-            f"{p.spec.name}: {_weights_source(p.spec.name)}" for p in parts))
-
-
-def _weights_source(name: str) -> str:
-    from .registry import get_model_info
-
-    return get_model_info(name).weights_source
+            f"{p.spec.name}: {get_model_info(p.spec.name).weights_source}" for p in parts))
 
 
 def store_attrs(model: Any, views: str) -> dict[str, Any]:
