@@ -194,15 +194,23 @@ def test_an_unknown_part_gives_the_unknown_model_message(photos, tmp_path, capsy
 
 
 def test_throughput_of_two_parts_against_one(photos, tmp_path):
-    """Printed, not asserted: featurize images/s of lite0+lite1 and of lite0 alone."""
+    """Printed, not asserted: featurize images/s of lite0+lite1 and of each alone, on one
+    thread (as each featurize worker runs)."""
+    import torch
+
     paths = sorted(str(p) for p in photos.rglob("*_0.jpg")) * 22   # 66 images
     rates = {}
-    for model in ("efficientnet_lite0", LITE01):
-        runner = get_runner(FeaturizeSpec(store_url="", model=ModelSpec(model), batch_size=16))
-        featurize_sources(runner, paths[:16])   # warm: model built, kernels compiled
-        t0 = time.perf_counter()
-        feats, reasons = featurize_sources(runner, paths)
-        rates[model] = len(paths) / (time.perf_counter() - t0)
-        assert not any(reasons) and feats.shape == (len(paths), runner.feature_dim)
-    print(f"\nfeaturize throughput, {len(paths)} images, 1 process: "
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for model in ("efficientnet_lite0", "efficientnet_lite1", LITE01):
+            runner = get_runner(FeaturizeSpec(store_url="", model=ModelSpec(model)))
+            featurize_sources(runner, paths[:16])   # warm: model built, kernels compiled
+            t0 = time.perf_counter()
+            feats, reasons = featurize_sources(runner, paths)
+            rates[model] = len(paths) / (time.perf_counter() - t0)
+            assert not any(reasons) and feats.shape == (len(paths), runner.feature_dim)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nfeaturize throughput, {len(paths)} images, 1 thread: "
           + ", ".join(f"{k} {v:.1f} images/s" for k, v in rates.items()))
