@@ -136,7 +136,7 @@ def test_spark_ml_runs_every_part(stores, trained):
     assert np.array_equal(np.stack(rows), feats[:3])
 
 
-def test_onnx_export_has_one_input_per_part_and_matches_predict(stores, trained, tmp_path):
+def test_export_has_one_input_per_part_and_matches_predict(stores, trained, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     m = dt.load(trained)
     paths, _ = _paths_and_rows(stores["lite01"])
@@ -158,7 +158,15 @@ def test_onnx_export_has_one_input_per_part_and_matches_predict(stores, trained,
         feed[inp["name"]] = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     assert [i.name for i in sess.get_inputs()] == ["image_0", "image_1"]
     (probs,) = sess.run(None, feed)
-    np.testing.assert_allclose(probs, _predict_probs(m, paths), rtol=0, atol=1e-5)
+    expected = _predict_probs(m, paths)
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
+    # TorchScript: the same inputs, in the same order
+    import torch
+
+    ts = torch.jit.load(str(m.export(tmp_path / "model.pt", format="torchscript")))
+    with torch.inference_mode():
+        got = ts(*(torch.from_numpy(feed[n]) for n in ("image_0", "image_1"))).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
 def test_layer_weights_and_maps_are_refused_in_one_line(photos, tmp_path, capsys):
