@@ -43,7 +43,7 @@ def engine_scope(engine: "str | Executor", workers: int | None,
         yield get_executor(engine)
 
 
-def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
+def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "efficientnet_lite0",
               layer: str | None = None, weights: str | None = None,
               engine: "str | Executor" = "local", workers: int | None = None,
               engine_options: Mapping[str, Any] | None = None,
@@ -60,6 +60,8 @@ def featurize(dataset: str, store: str, *, model: str = "efficientnet_lite0",
     train/ val/ test/ folders holding those. Splits: ``split="train=0.7,val=0.1,test=0.2"``
     (stratified, seeded), or ``per_class_train=30`` (+ ``per_class_val``), the rest test.
     ``views="center+flip"`` averages the features of each image and its mirror image.
+    Several backbones: ``model="efficientnet_lite0+efficientnet_lite1"`` (or a list of
+    names) stores each one's pooled features side by side, each with its own preprocessing.
     Only regular files of at most ``max_image_bytes`` (64 MiB) are read; others are skipped
     with their reason.
     Resumable: a rerun computes only the chunks a killed run left unfinished. ``device``
@@ -142,8 +144,14 @@ def _resolve_model(model: str, layer: str | None, weights: str | None) -> Any:
     import os
 
     from .errors import WeightsNotFoundError
-    from .models import ModelSpec, get_model_info, resolve_layer
+    from .models import ModelSpec, composite, get_model_info, resolve_layer
 
+    if composite.is_composite(model):  # several backbones: each part checked as one model
+        composite.check_options(model, layer=layer, weights=weights)
+        name = composite.composite_name(model)
+        for part in name.split(composite.SEP):
+            _resolve_model(part, None, None)
+        return ModelSpec(name, composite.LAYER)
     spec = ModelSpec(model, layer, weights)
     info = get_model_info(spec.name)
     resolve_layer(info, spec.layer)

@@ -150,7 +150,7 @@ class TransferModel:
     def __init__(self, model_dir: str | os.PathLike):
         from safetensors.numpy import load_file
 
-        from .models import ModelSpec, Preprocess
+        from .models import ModelSpec, Preprocess, composite
         from .training.heads import HeadConfig
         from .training.trainable import SuffixSpec, trainable_from_params
 
@@ -172,7 +172,10 @@ class TransferModel:
             self.spec = ModelSpec.from_dict(self.config["backbone"])
             pp = dict(self.config["preprocess"])
             self.views: str = pp.pop("views", "center")
-            self.preprocess = Preprocess.from_dict(pp)
+            #: several backbones (models/composite.py): each part's preprocessing (and
+            #: ``preprocess`` None), else None
+            self.part_preprocess = composite.part_preprocess(pp) if "parts" in pp else None
+            self.preprocess = Preprocess.from_dict(pp) if self.part_preprocess is None else None
             self.feature_dim = int(self.config["feature_dim"])
             self.head_config = HeadConfig.from_dict(self.config["head"])
             # models saved before maps and suffixes have none of these keys: pooled vectors
@@ -317,6 +320,10 @@ class TransferModel:
         from .featurization import view_features
         from .models import create_backbone
 
+        if self.part_preprocess is not None:  # several backbones: multi_export.py
+            from .multi_export import pipeline_module
+
+            return pipeline_module(self)
         prefix = create_backbone(self.spec, pooled=not self.maps)
 
         class Pipeline(torch.nn.Module):
@@ -358,6 +365,10 @@ class TransferModel:
                 f"The 'format' parameter must be one of 'torchscript', 'onnx'. Got {format!r}.")
         path = Path(path)
         check_export_target(path, protected=self.dir)
+        if self.part_preprocess is not None:  # several backbones: one input per part
+            from .multi_export import export as export_composite
+
+            return export_composite(self, path, format)
         module = self.pipeline_module()
         crop = self.preprocess.crop
         example = torch.zeros(1, 3, crop, crop)

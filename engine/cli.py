@@ -200,7 +200,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("dataset", help="folder (or fsspec URL) with one sub-folder per class, or "
                                    "train/ val/ test/ folders holding those")
     f.add_argument("store", help="Zarr store to write (path or fsspec URL)")
-    f.add_argument("--model", default="efficientnet_lite0", help="backbone: see `deeptransfer models`")
+    f.add_argument("--model", default="efficientnet_lite0",
+                   help="backbone: see `deeptransfer models`; several joined with '+' "
+                        "(efficientnet_lite0+efficientnet_lite1) store their pooled features "
+                        "side by side")
     f.add_argument("--layer", default=None,
                    help="layer to cut the network at (default: the model's, see `deeptransfer models`)")
     f.add_argument("--weights", default=None, metavar="FILE",

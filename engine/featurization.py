@@ -132,6 +132,12 @@ RUNNERS = "runner"
 
 def get_runner(spec: FeaturizeSpec) -> _Runner:
     """The process's runner for a spec (built on first use; any store's tasks share it)."""
+    from .models.composite import is_composite
+
+    if is_composite(spec.model):  # several backbones: one runner per part (multi_runner.py)
+        from .multi_runner import get_multi_runner
+
+        return get_multi_runner(spec)  # type: ignore[return-value]
     parts = (spec.model, spec.keep_maps, spec.batch_size, spec.compile, spec.device,
              spec.precision)
     return worker_state.get(RUNNERS, parts, lambda: _Runner(spec))
@@ -252,7 +258,11 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
     ``timings`` accumulates read, preprocess and forward seconds.
     """
     from .kernels import decode_image
+    from .multi_runner import MultiRunner
 
+    if isinstance(runner, MultiRunner):  # several backbones: each part runs this loop
+        return runner.featurize_sources(sources, views=views, storage_options=storage_options,
+                                        timings=timings, max_image_bytes=max_image_bytes)
     n = len(sources)
     feats = np.zeros((n, *runner.feature_shape), np.float32)
     reasons = [""] * n
@@ -394,6 +404,9 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
         "seed": seed, "split_config": dict(split_config or {}), "versions": library_versions(),
         "batch_size": batch_size, "max_image_bytes": max_image_bytes,
     }
+    from .models.composite import store_attrs
+
+    attrs.update(store_attrs(mspec, views))  # several backbones: each part's preprocessing
     t0 = time.perf_counter()
     # refused before anything is written: a file, a foreign folder, the dataset itself
     check_store_target(store_url, dataset=manifest.root, overwrite=overwrite,

@@ -11,7 +11,8 @@ Every model is a list of stages (``stages.py``): a cut gives a frozen prefix and
 that fine-tuning trains (``split``).
 
 Built in: efficientnet_lite0 (default), efficientnet_lite1, efficientnet_lite2, vgg16,
-resnet50. With ``pip install 'deeptransfer[zoo]'``: ``timm:NAME`` and ``torchvision:NAME``.
+resnet50; several at once as ``"efficientnet_lite0+efficientnet_lite1"`` (``composite.py``).
+With ``pip install 'deeptransfer[zoo]'``: ``timm:NAME`` and ``torchvision:NAME``.
 Add a model with ``@register_model("name")`` on a function returning a ``ModelDef``.
 """
 from .registry import (Backbone, ModelDef, ModelInfo, ModelSpec, Preprocess, build_stages,
@@ -19,6 +20,7 @@ from .registry import (Backbone, ModelDef, ModelInfo, ModelSpec, Preprocess, bui
                        list_models, map_shape, register_model, resolve_layer)
 from .stages import GlobalAvgPool, Stage, split
 from . import efficientnet_lite, resnet, vgg  # noqa: F401,E402  (register the built-in models)
+from . import composite  # noqa: F401,E402  (several backbones in one store)
 
 __all__ = ["Backbone", "ModelDef", "ModelInfo", "ModelSpec", "Preprocess", "create_backbone",
            "fold_batchnorm", "get_model_info", "list_models", "register_model", "resolve_layer",

@@ -219,6 +219,10 @@ def _model_def(name: str) -> ModelDef:
     if name.startswith(BRIDGE_PREFIXES):
         from . import bridges
         return bridges.model_def(name)
+    if "+" in name:  # several backbones (composite.py): no single network to build
+        raise InvalidParameterError(
+            f"{name!r} names several backbones: it has no single network (featurize, predict "
+            "and export run each part; see deeptransfer.models.composite).")
     fn = _MODELS.get(name)
     if fn is None:
         raise _unknown_model(name)
@@ -229,8 +233,12 @@ def get_model_info(name: str) -> ModelInfo:
     """Layers and widths, preprocessing and weights source of a model, without building it.
 
     (For ``timm:``/``torchvision:`` names the model is built once, without weights, to read
-    its widths.)
+    its widths.) A composite ``"a+b"`` (several backbones, ``composite.py``) has one layer,
+    ``pool``, as wide as its parts together.
     """
+    if isinstance(name, str) and "+" in name:
+        from .composite import composite_info
+        return composite_info(name)
     return _model_def(name).info
 
 
