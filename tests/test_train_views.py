@@ -238,3 +238,73 @@ def test_a_round_reads_each_images_view_of_the_epoch(stores, repartition, cache)
     assert any(drawn) and not all(drawn)  # views and center rows both trained on
     kept = worker_state.stats(shards.FEATURES).entries
     assert kept == (0 if cache == "none" else 1)
+
+
+def test_training_on_views_is_the_same_on_any_engine_and_uses_the_views(stores, tmp_path):
+    from deeptransfer.training import HeadConfig, OptimizerConfig, TrainConfig, train_head
+
+    c = TrainConfig(head=HeadConfig("softmax"), optimizer=OptimizerConfig("sgd", lr=0.1),
+                    workers=2, batch_size_per_worker=2, averaging_frequency=2, epochs=3, seed=3,
+                    patience=None)
+
+    def fit(ex, url, name):
+        shards.clear_caches()
+        return train_head(ex, url, c, str(tmp_path / name), progress=False, plot=False)
+
+    with LocalExecutor(0, threads_per_worker=1) as ex:
+        a = fit(ex, stores["serial"], "a")
+        plain = fit(ex, stores["plain"], "plain")
+    with LocalExecutor(2) as ex:
+        b = fit(ex, stores["serial"], "b")
+    for k in a.last_params:
+        np.testing.assert_array_equal(a.last_params[k], b.last_params[k], err_msg=k)
+    # the views were trained on: another head than on the same images' center rows only
+    assert any(not np.array_equal(a.last_params[k], plain.last_params[k]) for k in a.last_params)
+
+
+def test_a_map_store_with_views_and_its_repair(root, tmp_path, capsys):
+    import os
+    import shutil
+
+    from deeptransfer.cli import main
+    from deeptransfer.errors import StoreError
+
+    url = str(tmp_path / "mv.zarr")
+    with LocalExecutor(0, threads_per_worker=1) as ex:
+        rep = run_featurize(
+            ex, load_dataset(root, split=SPLIT), url,
+            model=ModelSpec("efficientnet_lite0", "blocks.5"), keep_maps=True, chunk_rows=8,
+            batch_size=4, train_views=1, seed=5, progress=False)
+    st = open_store(url)
+    assert rep.feature_shape == [192, 7, 7] and rep.view_rows == st.n_rows - st.n_images > 0
+    assert st["features"].shape == (st.n_rows, 192, 7, 7) and st["features"].dtype == np.float16
+    train = st.split_rows("train")
+    views = st.view_rows(train, seed=0, epoch=0)
+    x, _ = st.read_rows(views)
+    assert x.shape == (len(train), 192, 7, 7)
+    task = ShardTask(url, "train", seed=0, epoch=0, n_parts=1, part=0, offset=0,
+                     count=len(train), repartition="epoch")
+    xr, _ = load_round(task)
+    np.testing.assert_array_equal(
+        xr, st.read_rows(st.view_rows(partition_rows(train, seed=0, epoch=0, n_parts=1,
+                                                     part=0, repartition="epoch"),
+                                      seed=0, epoch=0))[0])
+    assert main(["info", url]) == 0
+    out = capsys.readouterr().out
+    assert "train views  1 per training image" in out and "192 x 7 x 7" in out
+    before = {n: st[n][:] for n in ARRAYS}
+    # a view chunk's features and a chunk of the view index lost: refused, then repaired
+    last = st.n_chunks - 1
+    os.remove(os.path.join(url, st._keys("features")[last]))
+    os.remove(os.path.join(url, st._keys("view")[0]))
+    with pytest.raises(StoreError, match="damaged"):
+        open_store(url)
+    with LocalExecutor(0, threads_per_worker=1) as ex:
+        again = run_featurize(ex, load_dataset(root, split=SPLIT), url,
+                              model=ModelSpec("efficientnet_lite0", "blocks.5"), keep_maps=True,
+                              chunk_rows=8, batch_size=4, train_views=1, seed=5, progress=False)
+    assert set(again.repaired_chunks) >= {0, last}
+    st = open_store(url)
+    for n in ARRAYS:
+        assert np.array_equal(before[n], st[n][:]), n
+    shutil.rmtree(url)
