@@ -50,9 +50,10 @@ def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "effic
               split: "str | Mapping[str, float] | None" = None,
               per_class_train: int | None = None, per_class_val: int = 0,
               exclude_classes: Sequence[str] = (), seed: int = 0, batch_size: int = 16,
-              dtype: str = "float32", chunk_rows: int = 256, compile: bool = False,
+              dtype: str | None = None, chunk_rows: int = 256, compile: bool = False,
               device: str | None = None, precision: str = "auto", views: str = "center",
               max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, overwrite: bool = False,
+              keep_maps: bool = False, train_views: int = 0,
               storage_options: Mapping | None = None, progress: Any = True) -> FeaturizeReport:
     """Push every image of ``dataset`` once through a frozen pretrained CNN into ``store``.
 
@@ -63,7 +64,10 @@ def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "effic
     Several backbones: ``model="efficientnet_lite0+efficientnet_lite1"`` (or a list of
     names) stores each one's pooled features side by side, each with its own preprocessing.
     Only regular files of at most ``max_image_bytes`` (64 MiB) are read; others are skipped
-    with their reason.
+    with their reason. ``keep_maps=True`` (a map ``layer``) stores each image's C x H x W
+    map, float16 unless ``dtype`` says otherwise (vectors: float32). ``train_views=K`` adds
+    K seeded augmented views (random-resized crop + flip) of every training image as extra
+    rows; training draws one per image per epoch, evaluation uses the images' own rows.
     Resumable: a rerun computes only the chunks a killed run left unfinished. ``device``
     defaults to the engine's (``cuda`` on dask-cuda, else ``cpu``).
     """
@@ -77,13 +81,20 @@ def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "effic
     _check_featurize_options(batch_size=batch_size, chunk_rows=chunk_rows,
                              max_image_bytes=max_image_bytes, dtype=dtype,
                              precision=precision, views=views, device=device, seed=seed,
-                             per_class_val=per_class_val, per_class_train=per_class_train)
+                             per_class_val=per_class_val, per_class_train=per_class_train,
+                             train_views=train_views)
     check_dataset_options(dataset, split=split, per_class_train=per_class_train,
                           storage_options=storage_options)
     # a foreign folder, the dataset itself or a store another job writes: refused up front
     check_store_target(store, dataset=dataset, overwrite=overwrite,
                        storage_options=storage_options)
     spec = _resolve_model(model, layer, weights)
+    if keep_maps:  # a vector layer has no map to keep: said before any engine starts
+        from .models import check_map_layer, get_model_info, resolve_layer
+
+        info = get_model_info(spec.name)
+        check_map_layer(info, resolve_layer(info, spec.layer),
+                        "keep_maps (CLI: --keep-maps, with --layer)")
     manifest = load_dataset(dataset, split=split, per_class_train=per_class_train,
                             per_class_val=per_class_val, exclude_classes=exclude_classes,
                             seed=seed, storage_options=storage_options)
@@ -98,13 +109,14 @@ def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "effic
                              precision=precision, views=views, seed=seed,
                              split_config=split_config, storage_options=storage_options,
                              max_image_bytes=max_image_bytes, overwrite=overwrite,
+                             keep_maps=keep_maps, train_views=train_views,
                              progress=progress)
 
 
 def _check_featurize_options(*, batch_size: int, chunk_rows: int, max_image_bytes: int,
-                             dtype: str, precision: str,
+                             dtype: str | None, precision: str,
                              views: str, device: str | None, seed: int, per_class_val: int,
-                             per_class_train: int | None) -> None:
+                             per_class_train: int | None, train_views: int = 0) -> None:
     """featurize's option checks that need no engine (run_featurize repeats some: it is
     public too)."""
     from .errors import InvalidParameterError, check_choice, check_int
@@ -121,7 +133,9 @@ def _check_featurize_options(*, batch_size: int, chunk_rows: int, max_image_byte
             "per_class_val (CLI: --per-class-val) counts validation images next to "
             "per_class_train (--per-class-train), which is not given: give both, or a split "
             "by fractions (--split train=0.7,val=0.1,test=0.2).", param="per_class_val")
-    check_choice("dtype", dtype, ("float32", "float16"), where=w)
+    check_int("train_views", train_views, low=0, high=127, where=w)
+    if dtype is not None:
+        check_choice("dtype", dtype, ("float32", "float16"), where=w)
     check_choice("precision", precision, ("auto", "float32", "bfloat16", "float16"), where=w)
     check_choice("views", views, VIEWS, where=w)
     if device is not None:

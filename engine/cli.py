@@ -221,8 +221,16 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=_int_type(1), default=16, help="images per forward pass")
     f.add_argument("--chunk-rows", type=_int_type(1), default=256, metavar="N",
                    help="images per task / Zarr chunk")
-    f.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                   help="type of the stored features")
+    f.add_argument("--dtype", default=None, choices=["float32", "float16"],
+                   help="type of the stored features (default: float16 with --keep-maps, "
+                        "else float32)")
+    f.add_argument("--keep-maps", action="store_true",
+                   help="store the C x H x W map of --layer (a map layer, see `deeptransfer "
+                        "models`), not its global average: for `train --train-from`")
+    f.add_argument("--train-views", type=_int_type(0), default=0, metavar="K",
+                   help="K seeded augmented views (random-resized crop + flip) of every "
+                        "training image, stored as extra rows; training draws one view per "
+                        "image per epoch (default: 0, none)")
     f.add_argument("--compile", action="store_true", help="torch.compile the network")
     f.add_argument("--views", default="center", choices=["center", "center+flip"],
                    help="center+flip: average the features of each image and its mirror (2x compute)")
@@ -263,13 +271,18 @@ def _print_featurize(rep: Any, as_json: bool) -> None:
         print(jsonutil.dumps(rep.to_dict()))
         return
     print(f"store        {rep.store}")
-    print(f"model        {rep.model['name']} @ {rep.model['layer']} ({rep.feature_dim}-d), engine {rep.engine}")
+    shape = " x ".join(map(str, rep.feature_shape)) if len(rep.feature_shape) > 1 else None
+    what = f"{shape} maps" if shape else f"{rep.feature_dim}-d"
+    print(f"model        {rep.model['name']} @ {rep.model['layer']} ({what}), engine {rep.engine}")
     print(f"images       {rep.images}: {rep.featurized} featurized, {len(rep.skipped)} skipped")
+    if rep.train_views:
+        print(f"train views  {rep.train_views} per training image ({rep.view_rows} rows)")
     if _reused(rep):
         print(f"reused       {rep.store} was already complete (0 images computed)")
     else:
-        print(f"this run     {rep.computed_now} images in {rep.seconds:.1f} s "
-              f"({rep.images_per_second:.1f} images/s)")
+        what = "rows" if rep.train_views else "images"  # rows: images and their views
+        print(f"this run     {rep.computed_now} {what} in {rep.seconds:.1f} s "
+              f"({rep.images_per_second:.1f} {what}/s)")
     print(f"store size   {_human_bytes(rep.store_bytes)}")
     for w in rep.warnings:
         print(f"warning      {w}")
@@ -293,6 +306,7 @@ def cmd_featurize(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, dtype=args.dtype, chunk_rows=args.chunk_rows,
                     compile=args.compile, device=args.device, views=args.views,
                     max_image_bytes=args.max_image_mb * 1024 * 1024, overwrite=args.overwrite,
+                    keep_maps=args.keep_maps, train_views=args.train_views,
                     progress=not args.json)
     _print_featurize(rep, args.json)
     return 0
@@ -308,7 +322,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k in ("url", "rows", "featurized", "skipped", "chunks_done", "classes", "splits",
               "feature_dim", "dtype", "model", "preprocess", "seed"):
         print(f"{k:12s} {s[k]}")
-    print(f"{'bytes':12s} {_human_bytes(s['bytes'])}")
+    shape = " x ".join(map(str, s["feature_shape"]))
+    print(f"{'shape':12s} {shape} per row ({'maps' if s['maps'] else 'pooled vectors'}, "
+          f"{_human_bytes(s['bytes_per_row'])} as {s['dtype']} before compression)")
+    tv = s["train_views"]
+    if tv.get("k"):
+        print(f"{'train views':12s} {tv['k']} per training image ({s['view_rows']} rows; "
+              f"scale {tv['scale']}, ratio {[round(r, 4) for r in tv['ratio']]}, "
+              f"flip {tv['flip']})")
+    rows = s["rows"] + s["view_rows"]
+    per = f", {_human_bytes(s['bytes'] // rows)} per row" if rows else ""
+    print(f"{'bytes':12s} {_human_bytes(s['bytes'])} on disk{per}")
     from .store import open_store
 
     for path, reason in open_store(args.store).skipped()[:50]:

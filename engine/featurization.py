@@ -40,6 +40,8 @@ class FeaturizeSpec:
     threads: int = 1
     views: str = "center"  # "center", or "center+flip": mean features of the image and its mirror
     keep_maps: bool = False  # store the cut's (C, H, W) map, not its global average
+    train_views: Any = None  # deeptransfer.augment.TrainViews of the store's view rows
+    seed: int = 0  # the store's seed: with the image row and view index, a view's randomness
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # a larger file is skipped, never read
 
     @property
@@ -304,24 +306,125 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
                 flush()
         if images:
             flush()
-    for r in np.flatnonzero(~np.isfinite(feats.reshape(n, -1)).all(axis=1)):
+    _drop_non_finite(feats, reasons)
+    return feats, reasons
+
+
+def _drop_non_finite(feats: np.ndarray, reasons: list[str]) -> None:
+    """Rows with a NaN or an infinity become zeros with a reason (any row shape; n may be 0)."""
+    finite = np.isfinite(feats).reshape(len(feats), -1).all(axis=1) if len(feats) else []
+    for r in np.flatnonzero(~np.asarray(finite, dtype=bool)):
         feats[r] = 0.0
         if not reasons[r]:
             reasons[r] = "non-finite features"
+
+
+def featurize_views(runner: _Runner, paths: Sequence[str], image_rows: np.ndarray,
+                    views: np.ndarray, train_views: Any, *, seed: int,
+                    storage_options: Mapping | None = None,
+                    timings: "ChunkResult | None" = None,
+                    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                    ) -> tuple[np.ndarray, list[str]]:
+    """Features of augmented views (``views[r]`` >= 1 of the image of row ``image_rows[r]``,
+    read from ``paths[r]``), and for each the reason it has none, as ``featurize_sources``.
+
+    Consecutive rows of one image (its K views, the store's layout) decode it once; the box
+    and flip of a view come from (seed, image row, view) only (``augment.draw_view``), chosen
+    on the decoded image, then cropped, resized to the model's crop and normalized by the
+    same kernel as the center view (``kernels.resized_crop_normalize``)."""
+    from .augment import draw_view
+    from .kernels import resized_crop_normalize
+
+    pp = runner.pp
+    n = len(paths)
+    feats = np.zeros((n, *runner.feature_shape), np.float32)
+    reasons = [""] * n
+    t = timings if timings is not None else ChunkResult(chunk=-1, n_ok=0)
+    queue: list[tuple[int, np.ndarray, tuple[int, int, int, int], bool]] = []
+    kw = dict(crop=pp.crop, mean=pp.mean, std=pp.std, layout="nhwc", parallel=False)
+
+    def flush() -> None:
+        t0 = time.perf_counter()
+        k = len(queue)
+        try:
+            resized_crop_normalize([q[1] for q in queue], [q[2] for q in queue],
+                                   runner.buffer[:k], flips=[q[3] for q in queue], **kw)
+        except Exception:  # noqa: BLE001 - one bad view loses itself, not the batch
+            for j, (r, img, box, flip) in enumerate(queue):
+                try:
+                    resized_crop_normalize([img], [box], runner.buffer[j:j + 1],
+                                           flips=[flip], **kw)
+                except Exception:  # noqa: BLE001
+                    reasons[r] = "view could not be resized (degenerate size)"
+        if k < runner.batch_size:
+            runner.buffer[k:] = 0.0
+        t1 = time.perf_counter()
+        out = runner.forward(k, "center")  # an augmented view is one view, flipped or not
+        t.preprocess_seconds += t1 - t0
+        t.forward_seconds += time.perf_counter() - t1
+        for j, (r, *_rest) in enumerate(queue):
+            if not reasons[r]:
+                feats[r] = out[j]
+        queue.clear()
+
+    with runner.lock:
+        r = 0
+        while r < n:
+            stop = r + 1
+            while stop < n and image_rows[stop] == image_rows[r]:
+                stop += 1
+            t0 = time.perf_counter()
+            try:  # one decode for the image's views in this chunk
+                img = load_image(str(paths[r]), pp.resize, storage_options,
+                                 max_bytes=max_image_bytes)
+            except Exception as exc:  # noqa: BLE001 - as its image: skipped with the reason
+                for q in range(r, stop):
+                    reasons[q] = _reason(exc)
+                img = None
+            t.read_seconds += time.perf_counter() - t0
+            for q in range(r, stop) if img is not None else ():
+                box, flip = draw_view(img.shape[0], img.shape[1], train_views, seed=seed,
+                                      image_row=int(image_rows[q]), view=int(views[q]))
+                queue.append((q, img, box, flip))
+                if len(queue) == runner.batch_size:
+                    flush()
+            r = stop
+        if queue:
+            flush()
+    _drop_non_finite(feats, reasons)
     return feats, reasons
 
 
 def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
-    """Featurize the rows of one chunk and write them, then the chunk's done-marker."""
+    """Featurize the rows of one chunk and write them, then the chunk's done-marker.
+
+    Image rows get their center view (``spec.views``); view rows (a store with train
+    views) their augmented view (``featurize_views``)."""
     t_start = time.perf_counter()
     store = cached_store(spec.store_url, spec.options, mode="r+")
     runner = get_runner(spec)
     _set_threads(spec.threads)
     paths = store.chunk_paths(chunk)
     res = ChunkResult(chunk=chunk, n_ok=0)
-    feats, reasons = featurize_sources(runner, paths, views=spec.views,
+    image_rows, views = store.chunk_views(chunk)
+    center = np.flatnonzero(views == 0)
+    feats, reasons = featurize_sources(runner, [paths[i] for i in center], views=spec.views,
                                        storage_options=spec.options, timings=res,
                                        max_image_bytes=spec.max_image_bytes)
+    if len(center) < len(paths):
+        aug = np.flatnonzero(views != 0)
+        fa, ra = featurize_views(runner, [paths[i] for i in aug], image_rows[aug], views[aug],
+                                 spec.train_views, seed=spec.seed,
+                                 storage_options=spec.options, timings=res,
+                                 max_image_bytes=spec.max_image_bytes)
+        all_feats = np.zeros((len(paths), *runner.feature_shape), np.float32)
+        all_reasons = [""] * len(paths)
+        all_feats[center], all_feats[aug] = feats, fa
+        for i, r in zip(center, reasons):
+            all_reasons[i] = r
+        for i, r in zip(aug, ra):
+            all_reasons[i] = r
+        feats, reasons = all_feats, all_reasons
     ok = np.array([not r for r in reasons], dtype=bool)
     store.write_chunk(chunk, feats, ok, reasons)
     res.n_ok = int(ok.sum())
@@ -351,6 +454,11 @@ class FeaturizeReport:
     reused: bool = False
     #: chunks found damaged (missing or corrupt files) and computed or rewritten again
     repaired_chunks: list[int] = field(default_factory=list)
+    #: one row's features: [D], or [C, H, W] for a store of maps
+    feature_shape: list[int] = field(default_factory=list)
+    #: augmented views per training image, and the rows they take after the images
+    train_views: int = 0
+    view_rows: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -370,25 +478,33 @@ def library_versions() -> dict[str, str]:
 
 
 def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, model: Any,
-                  batch_size: int = 16, dtype: str = "float32", chunk_rows: int = 256,
+                  batch_size: int = 16, dtype: str | None = None, chunk_rows: int = 256,
                   compile: bool = False, device: str | None = None, precision: str = "auto",
                   views: str = "center", seed: int = 0, split_config: Mapping[str, Any] | None = None,
                   storage_options: Mapping | None = None,
                   max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, overwrite: bool = False,
+                  keep_maps: bool = False, train_views: int = 0,
                   progress: bool | Callable[[ChunkResult], None] = True) -> FeaturizeReport:
     """Create (or resume) the store for ``manifest`` and featurize its unfinished chunks.
 
     ``device``: where the network runs; None is the engine's default (``cuda`` on
-    dask-cuda, else ``cpu``).
+    dask-cuda, else ``cpu``). ``keep_maps``: store the (C, H, W) map of a map layer, not its
+    global average. ``dtype``: None is float16 for maps (half the bytes; the maps feed a
+    trained suffix, not a linear head), float32 for vectors. ``train_views``: K seeded
+    augmented views of every training image as extra rows (see deeptransfer.augment).
     """
     device = device or executor.default_device
-    from .models import ModelSpec, get_model_info, resolve_layer
+    from .augment import TrainViews
+    from .models import ModelSpec, check_map_layer, get_model_info, map_shape, resolve_layer
 
     check_int("batch_size", batch_size, low=1, where="featurize")
     check_int("chunk_rows", chunk_rows, low=1, where="featurize")
     check_int("max_image_bytes", max_image_bytes, low=1, where="featurize")
     check_choice("precision", precision, ("auto", "float32", "bfloat16", "float16"), where="featurize")
     check_choice("views", views, VIEWS, where="featurize")
+    check_int("train_views", train_views, low=0, high=127, where="featurize")  # int8 view index
+    dtype = dtype or ("float16" if keep_maps else "float32")
+    check_choice("dtype", dtype, ("float32", "float16"), where="featurize")
     if store_url.startswith("memory://") and executor.n_workers > 0:
         raise StoreError(
             "An in-memory store (memory://) cannot be written by worker processes: each has "
@@ -397,6 +513,11 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
     info = get_model_info(spec_in.name)
     layer = resolve_layer(info, spec_in.layer)  # default, aliases; unknown -> UnknownModelError
     mspec = ModelSpec(name=spec_in.name, layer=layer, weights=spec_in.weights)
+    feature_shape: tuple[int, ...] = (info.layers[layer],)
+    if keep_maps:
+        check_map_layer(info, layer, "keep_maps (CLI: --keep-maps, with --layer)")
+        feature_shape = map_shape(mspec, layer)
+    tv = TrainViews(k=train_views)
     # views change the features, so they are part of the preprocessing a resume must match
     preprocess = {**info.preprocess.to_dict(), "views": views}
     attrs = {
@@ -416,7 +537,8 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
                                  attrs, t0, batch_size=batch_size, dtype=dtype,
                                  chunk_rows=chunk_rows, compile=compile, device=device,
                                  precision=precision, views=views,
-                                 max_image_bytes=max_image_bytes,
+                                 max_image_bytes=max_image_bytes, seed=seed,
+                                 feature_shape=feature_shape, train_views=tv,
                                  storage_options=storage_options, overwrite=overwrite,
                                  progress=progress)
 
@@ -425,12 +547,16 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
                       feature_dim: int, attrs: Mapping[str, Any], t0: float, *, batch_size: int,
                       dtype: str, chunk_rows: int, compile: bool, device: str, precision: str,
                       views: str, max_image_bytes: int, storage_options: Mapping | None,
-                      overwrite: bool,
+                      overwrite: bool, seed: int, feature_shape: tuple[int, ...],
+                      train_views: Any,
                       progress: bool | Callable[[ChunkResult], None]) -> FeaturizeReport:
     """``run_featurize`` once it holds the store's lock."""
+    keep_maps = len(feature_shape) > 1
+    # a map's feature_dim is its channels (what the pooled cut would give)
     store = create_store(store_url, manifest, feature_dim=feature_dim, attrs=attrs,
-                         dtype=dtype, chunk_rows=chunk_rows, storage_options=storage_options,
-                         overwrite=overwrite)
+                         dtype=dtype, chunk_rows=chunk_rows, feature_shape=feature_shape,
+                         train_views=train_views.to_attrs() if train_views.k else None,
+                         storage_options=storage_options, overwrite=overwrite)
     forget_cached_stores()  # a handle cached in this process may predate an overwrite
     # a reused store is verified chunk by chunk: damaged chunks are computed again
     repaired = store.repair(manifest) if store.reused else []
@@ -443,13 +569,14 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
                          storage_options=tuple(sorted(dict(storage_options or {}).items())),
                          batch_size=batch_size, compile=compile, device=device,
                          precision=precision, views=views, max_image_bytes=max_image_bytes,
-                         threads=executor.threads_per_worker)
+                         threads=executor.threads_per_worker, keep_maps=keep_maps,
+                         train_views=train_views, seed=seed)
     todo_rows = sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in pending)
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(manifest), initial=len(manifest) - todo_rows, unit="img",
+        bar = tqdm(total=store.n_rows, initial=store.n_rows - todo_rows, unit="row",
                    desc=f"featurize [{executor.name}]", dynamic_ncols=True)
     try:
         for _, res in executor.map_unordered(featurize_chunk, pending, shared=spec):
@@ -470,4 +597,6 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
         images_per_second=todo_rows / seconds if seconds > 0 else 0.0,
         store_bytes=store_nbytes(store_url, storage_options), engine=executor.name,
         model=mspec.to_dict(), feature_dim=feature_dim, warnings=warnings,
-        reused=store.reused and todo_rows == 0 and not repaired, repaired_chunks=repaired)
+        reused=store.reused and todo_rows == 0 and not repaired, repaired_chunks=repaired,
+        feature_shape=list(feature_shape), train_views=train_views.k,
+        view_rows=store.n_rows - store.n_images)

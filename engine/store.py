@@ -2,11 +2,22 @@
 
 Layout of the Zarr group (format ``deeptransfer.features/1``):
 
-- ``features`` (N, D) float32 or float16, chunked by ``chunk_rows`` rows;
-- ``labels`` (N,) int32, ``split`` (N,) int8 (index into SPLITS, -1 none);
-- ``paths`` (N,) str, ``ok`` (N,) bool, ``reasons`` (N,) str (why a row was skipped);
+- ``features`` (R, *feature_shape) float32 or float16, chunked by ``chunk_rows`` rows:
+  (R, D) pooled vectors, or (R, C, H, W) maps of the cut (``--keep-maps``; attrs
+  ``maps: true``, ``feature_shape: [C, H, W]``, ``feature_dim: C``);
+- ``labels`` (R,) int32, ``split`` (R,) int8 (index into SPLITS, -1 none);
+- ``paths`` (R,) str, ``ok`` (R,) bool, ``reasons`` (R,) str (why a row was skipped);
 - ``done`` (n_chunks,) bool, one Zarr chunk per element: the completion marker of a chunk;
-- attrs: classes, splits, model, layer, preprocess, feature_dim, chunk_rows, seed, versions.
+- attrs: classes, splits, model, layer, preprocess, feature_dim, feature_shape, maps,
+  chunk_rows, seed, versions, train_views.
+
+Rows: the N images of the manifest first (rows 0..N-1, their center view). With
+``--train-views K`` (attrs ``train_views: {k, scale, ratio, flip}``) K augmented views of
+every training image follow: row ``N + j*K + (v-1)`` is view ``v`` (1..K) of the j-th
+training image, with row arrays ``image`` (R,) int32 (the image's row) and ``view`` (R,)
+int8 (0 for the image rows). A view row has its image's label, split and path. Stores
+without those arrays (K = 0, older stores) have image rows only; stores without
+``feature_shape``/``maps`` hold pooled vectors.
 
 Featurize chunk ``i`` owns rows ``[i * chunk_rows, (i + 1) * chunk_rows)`` of every row
 array, which are whole Zarr chunks, and its ``done[i]`` marker, which it writes last. So
@@ -40,6 +51,8 @@ from .storesafety import (FORMAT, PENDING_ATTR, check_store_target, holder_messa
 ROW_ARRAYS = ("labels", "split", "paths", "ok", "reasons")
 #: row arrays written from the manifest when the store is created
 MANIFEST_ARRAYS = ("labels", "split", "paths")
+#: row arrays that tie a view row to its image (stores with train views only)
+VIEW_ARRAYS = ("image", "view")
 #: arrays featurize_chunk writes, before the chunk's done marker
 RESULT_ARRAYS = ("features", "ok", "reasons")
 #: zarr's default skips writing a chunk equal to the fill value (an all-skipped chunk, a
@@ -70,6 +83,24 @@ def manifest_digest(manifest: Manifest) -> str:
     h.update(manifest.labels.astype(np.int32).tobytes())
     h.update(manifest.split.astype(np.int8).tobytes())
     return h.hexdigest()[:32]
+
+
+def row_table(manifest: Manifest, train_views: int = 0) -> dict[str, np.ndarray]:
+    """The row arrays a store is created with: the manifest's images, then ``train_views``
+    views of each training image (``image``/``view`` only when there are views)."""
+    n = len(manifest)
+    labels = np.asarray(manifest.labels, dtype=np.int32)
+    split = np.asarray(manifest.split, dtype=np.int8)
+    paths = np.array(manifest.paths)
+    if not train_views:
+        return {"labels": labels, "split": split, "paths": paths}
+    k = int(train_views)
+    train = np.flatnonzero(split == split_code("train"))
+    image = np.concatenate([np.arange(n), np.repeat(train, k)]).astype(np.int32)
+    view = np.concatenate([np.zeros(n, np.int8), np.tile(np.arange(1, k + 1, dtype=np.int8),
+                                                         len(train))])
+    return {"labels": labels[image], "split": split[image], "paths": paths[image],
+            "image": image, "view": view}
 
 
 def _reads(method: F) -> F:
@@ -103,6 +134,9 @@ class FeatureStore:
         self.reused = False
         self._writable: dict[str, Any] = {}
         self._key_cache: dict[str, list[str]] = {}
+        self._view_cache: dict[str, np.ndarray] = {}
+        #: the row arrays made at creation (the image/view arrays too in a store with views)
+        self.manifest_arrays = MANIFEST_ARRAYS + (VIEW_ARRAYS if "view" in group else ())
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -116,6 +150,28 @@ class FeatureStore:
     @property
     def feature_dim(self) -> int:
         return int(self.attrs["feature_dim"])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one row's features: (D,), or (C, H, W) for a store of maps."""
+        shape = self.attrs.get("feature_shape")
+        return tuple(int(d) for d in shape) if shape else (self.feature_dim,)
+
+    @property
+    def maps(self) -> bool:
+        return bool(self.attrs.get("maps", False))
+
+    @property
+    def train_views(self) -> int:
+        """K, the augmented views stored per training image (0: none)."""
+        return int((self.attrs.get("train_views") or {}).get("k", 0))
+
+    @property
+    def n_images(self) -> int:
+        """Rows of images (the manifest's); the view rows follow them."""
+        if "view" not in self.group:
+            return self.n_rows
+        return int(np.count_nonzero(self._views()["view"] == 0))
 
     @property
     def chunk_rows(self) -> int:
@@ -150,6 +206,15 @@ class FeatureStore:
         start, stop = self.chunk_bounds(chunk)
         return [str(p) for p in self.group["paths"][start:stop]]
 
+    @_reads
+    def chunk_views(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image row, view index) of each row of a chunk (a row of an image: itself, 0)."""
+        start, stop = self.chunk_bounds(chunk)
+        if "view" not in self.group:
+            return np.arange(start, stop), np.zeros(stop - start, np.int64)
+        return (self.group["image"][start:stop].astype(np.int64),
+                self.group["view"][start:stop].astype(np.int64))
+
     def write_chunk(self, chunk: int, features: np.ndarray, ok: np.ndarray,
                     reasons: Sequence[str]) -> None:
         """Write one chunk's rows, then its marker. Safe to repeat.
@@ -161,9 +226,9 @@ class FeatureStore:
         featurize verifies before it trusts a marker."""
         start, stop = self.chunk_bounds(chunk)
         n = stop - start
-        if features.shape != (n, self.feature_dim) or len(ok) != n or len(reasons) != n:
-            raise StoreError(f"chunk {chunk} expects {n} rows of width {self.feature_dim}; got "
-                             f"{features.shape}, {len(ok)} flags, {len(reasons)} reasons")
+        if features.shape != (n, *self.feature_shape) or len(ok) != n or len(reasons) != n:
+            raise StoreError(f"chunk {chunk} expects {n} rows of shape {self.feature_shape}; "
+                             f"got {features.shape}, {len(ok)} flags, {len(reasons)} reasons")
         with write_errors(self.url):
             dtype = self.group["features"].dtype
             self._w("features")[start:stop] = features.astype(dtype, copy=False)
@@ -194,7 +259,7 @@ class FeatureStore:
         every = self.attrs.get("chunk_files") == "all"
         ok_legacy = None if every else self.group["ok"][:]
         for c in range(self.n_chunks):
-            need = list(MANIFEST_ARRAYS) if every else ["paths"]  # a path is never ""
+            need = list(self.manifest_arrays) if every else ["paths"]  # a path is never ""
             if done[c]:
                 if every:
                     need += RESULT_ARRAYS
@@ -217,7 +282,7 @@ class FeatureStore:
 
         p = place(self.url, self.storage_options)
         out: dict[int, set[str]] = {}
-        for name in RESULT_ARRAYS + MANIFEST_ARRAYS + ("done",):
+        for name in RESULT_ARRAYS + self.manifest_arrays + ("done",):
             arr = self.group[name]
             keys = {k: c for c, k in enumerate(self._keys(name)) if k in stored}
             if isinstance(arr.metadata.codecs[-1], Crc32cCodec):
@@ -269,6 +334,7 @@ class FeatureStore:
         """Before featurize resumes: verify every chunk, rewrite damaged row arrays from the
         manifest (their source) and clear the done marker of chunks whose features, flags or
         reasons are damaged, so they are computed again. Returns the chunks that were damaged."""
+        table = row_table(manifest, self.train_views)
         stored = self._stored_keys()
         damage = self._corrupt(stored)
         with write_errors(self.url):
@@ -283,12 +349,9 @@ class FeatureStore:
                 damage.setdefault(c, set()).update(names)
             for c, names in sorted(damage.items()):
                 a, b = self.chunk_bounds(c)
-                if "labels" in names:
-                    self._w("labels")[a:b] = manifest.labels[a:b]
-                if "split" in names:
-                    self._w("split")[a:b] = manifest.split[a:b]
-                if "paths" in names:
-                    self._w("paths")[a:b] = np.array(manifest.paths[a:b])
+                for name in self.manifest_arrays:
+                    if name in names:
+                        self._w(name)[a:b] = table[name][a:b]
                 if names & set(RESULT_ARRAYS) and done[c]:
                     self._w("done")[c] = False
         return sorted(damage)
@@ -314,14 +377,69 @@ class FeatureStore:
         chunk without its done marker are not featurized, whatever its flags say)."""
         code = split_code(split)
         mask = (self.group["split"][:] == code) & self.group["ok"][:] & self._done_rows()
-        return np.flatnonzero(mask)
+        return np.flatnonzero(mask & self._is_image())
+
+    def _is_image(self) -> np.ndarray | bool:
+        """Mask of the image rows (True: a store without view rows)."""
+        return self._views()["view"] == 0 if "view" in self.group else True
+
+    def _views(self) -> dict[str, np.ndarray]:
+        """The image/view arrays and the ok flags, read once per handle (training only reads
+        a complete store, which does not change under it)."""
+        if not self._view_cache:
+            self._view_cache = {"image": self.group["image"][:].astype(np.int64),
+                                "view": self.group["view"][:].astype(np.int64),
+                                "ok": self.group["ok"][:]}
+        return self._view_cache
+
+    @_reads
+    def view_table(self, image_rows: np.ndarray) -> np.ndarray:
+        """(n, K + 1) rows: column 0 the image rows themselves, column v the row of view v
+        of each (the image row again where it has no views: not a training image)."""
+        rows = np.asarray(image_rows, dtype=np.int64)
+        k = self.train_views
+        if k == 0:
+            return rows[:, None]
+        v = self._views()
+        first = np.full(self.n_rows, -1, np.int64)  # image row -> row of its view 1
+        ones = np.flatnonzero(v["view"] == 1)
+        first[v["image"][ones]] = ones
+        f = first[rows]
+        table = np.repeat(rows[:, None], k + 1, axis=1)
+        has = f >= 0
+        table[has, 1:] = f[has, None] + np.arange(k)
+        return table
+
+    @_reads
+    def view_choice(self, image_rows: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
+        """The view index (0..K) each image row trains on in ``epoch``: uniform, drawn by
+        (seed, epoch, image row) only, so any partition of the rows draws the same. A view
+        that was not featurized (its image was skipped) falls back to view 0."""
+        rows = np.asarray(image_rows, dtype=np.int64)
+        k = self.train_views
+        if k == 0:
+            return np.zeros(len(rows), np.int64)
+        draw = np.random.default_rng([int(seed), 13, int(epoch)]).integers(0, k + 1, self.n_rows)
+        choice = draw[rows]
+        picked = self.view_table(rows)[np.arange(len(rows)), choice]
+        choice[~self._views()["ok"][picked]] = 0
+        return choice
+
+    def view_rows(self, image_rows: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
+        """The row of the view each image row trains on in ``epoch`` (see ``view_choice``);
+        the rows themselves in a store without views."""
+        rows = np.asarray(image_rows, dtype=np.int64)
+        if self.train_views == 0:
+            return rows
+        choice = self.view_choice(rows, seed=seed, epoch=epoch)
+        return self.view_table(rows)[np.arange(len(rows)), choice]
 
     @_reads
     def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Features (float32) and labels (int64) of the given rows, in the given order."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
-            return np.zeros((0, self.feature_dim), np.float32), np.zeros(0, np.int64)
+            return np.zeros((0, *self.feature_shape), np.float32), np.zeros(0, np.int64)
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         lo, hi = int(srt[0]), int(srt[-1]) + 1
@@ -343,7 +461,7 @@ class FeatureStore:
     def skipped(self) -> list[tuple[str, str]]:
         """(path, reason) of every row that was skipped."""
         ok = self.group["ok"][:]
-        bad = np.flatnonzero(~ok & self._done_rows())
+        bad = np.flatnonzero(~ok & self._done_rows() & self._is_image())  # views: as their image
         if bad.size == 0:
             return []
         paths = self.group["paths"].oindex[bad]
@@ -375,16 +493,23 @@ class FeatureStore:
         ok = self.group["ok"][:] & self._done_rows()
         split = self.group["split"][:]
         done = self.group["done"][:]
+        image = self._is_image()
+        feats = self.group["features"]
         out = {
             "url": self.url,
-            "rows": self.n_rows,
-            "featurized": int(ok.sum()),
+            "rows": self.n_images,
+            "featurized": int((ok & image).sum()),
             "skipped": len(self.skipped()),
             "chunks_done": f"{int(done.sum())}/{len(done)}",
             "classes": len(self.classes),
-            "splits": {s: int(((split == i) & ok).sum()) for i, s in enumerate(SPLITS)},
+            "splits": {s: int(((split == i) & ok & image).sum()) for i, s in enumerate(SPLITS)},
             "feature_dim": self.feature_dim,
-            "dtype": str(self.group["features"].dtype),
+            "feature_shape": list(self.feature_shape),
+            "maps": self.maps,
+            "dtype": str(feats.dtype),
+            "bytes_per_row": int(np.prod(self.feature_shape)) * feats.dtype.itemsize,
+            "train_views": self.attrs.get("train_views") or {"k": 0},
+            "view_rows": self.n_rows - self.n_images,
             "model": self.attrs.get("model"),
             "preprocess": self.attrs.get("preprocess"),
             "seed": self.attrs.get("seed"),
@@ -423,13 +548,19 @@ def _open_group(url: str, mode: str, storage_options: Mapping | None, **kw: Any)
 
 def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mapping[str, Any],
                  dtype: str = "float32", chunk_rows: int = 256,
+                 feature_shape: Sequence[int] | None = None,
+                 train_views: Mapping[str, Any] | None = None,
                  storage_options: Mapping | None = None, overwrite: bool = False) -> FeatureStore:
     """Create the store for a manifest, or reopen it to resume an unfinished run.
 
+    ``feature_shape``: one row's features, (feature_dim,) (the default) or a map's
+    (C, H, W). ``train_views``: the attrs of the augmented views (``{"k": K, ...}``, see
+    deeptransfer.augment), whose K rows per training image follow the images.
+
     An existing store is reused only when it was made from the same rows and the same
-    model/preprocessing; otherwise it is an error unless ``overwrite``, which replaces a
-    feature store (its Zarr keys only) and nothing else: a path holding other files is
-    always refused.
+    model/preprocessing/shape/views; otherwise it is an error unless ``overwrite``, which
+    replaces a feature store (its Zarr keys only) and nothing else: a path holding other
+    files is always refused.
     """
     if dtype not in ("float32", "float16"):
         raise InvalidParameterError(
@@ -437,15 +568,21 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
     if not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise InvalidParameterError(
             f"The 'chunk_rows' parameter must be an int in the range [1, inf). Got {chunk_rows!r}.")
+    shape = [int(d) for d in (feature_shape or (feature_dim,))]
+    views = dict(train_views) if train_views and int(train_views.get("k", 0)) > 0 else None
     digest = manifest_digest(manifest)
     identity = {"manifest_digest": digest, "model": attrs.get("model"),
                 "preprocess": attrs.get("preprocess"), "dtype": dtype,
-                "chunk_rows": chunk_rows, "feature_dim": feature_dim}
+                "chunk_rows": chunk_rows, "feature_dim": feature_dim,
+                "maps": len(shape) > 1, "feature_shape": shape, "train_views": views}
     kind = check_store_target(url, overwrite=overwrite, storage_options=storage_options)
     if kind == "store" and not overwrite:
         existing = _try_open(url, storage_options)
         if existing is not None:
+            # older stores lack the shape keys: they hold pooled vectors, no views
             mine = {k: existing.attrs.get(k) for k in identity}
+            mine["maps"] = existing.maps
+            mine["feature_shape"] = list(existing.feature_shape)
             want = json.loads(json.dumps(identity))
             if want == mine:
                 existing.reused = True
@@ -466,20 +603,27 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
         raise
     except Exception as exc:  # a bad URL
         raise StoreError(f"Cannot create the feature store at {url!r}: {exc}") from exc
-    n = len(manifest)
+    table = row_table(manifest, views["k"] if views else 0)
+    n = len(table["labels"])
     n_chunks = -(-n // chunk_rows)
     rc = (chunk_rows,)
     kw = _codecs()
     try:
         with write_errors(url):
-            group.create_array("features", shape=(n, feature_dim), dtype=dtype,
-                               chunks=(chunk_rows, feature_dim), fill_value=0, **kw)
+            # a chunk is chunk_rows whole rows (a map's C x H x W too): one task per chunk
+            group.create_array("features", shape=(n, *shape), dtype=dtype,
+                               chunks=(chunk_rows, *shape), fill_value=0, **kw)
             group.create_array("labels", shape=(n,), dtype="int32", chunks=rc,
-                               **kw)[:] = manifest.labels
+                               **kw)[:] = table["labels"]
             group.create_array("split", shape=(n,), dtype="int8", chunks=rc,
-                               **kw)[:] = manifest.split
+                               **kw)[:] = table["split"]
             group.create_array("paths", shape=(n,), dtype=str, chunks=rc,
-                               **kw)[:] = np.array(manifest.paths)
+                               **kw)[:] = table["paths"]
+            if views:
+                group.create_array("image", shape=(n,), dtype="int32", chunks=rc,
+                                   **kw)[:] = table["image"]
+                group.create_array("view", shape=(n,), dtype="int8", chunks=rc,
+                                   **kw)[:] = table["view"]
             group.create_array("ok", shape=(n,), dtype=bool, chunks=rc, fill_value=False, **kw)
             group.create_array("reasons", shape=(n,), dtype=str, chunks=rc, **kw)
             group.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,),

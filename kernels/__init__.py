@@ -3,6 +3,7 @@ resize + center crop + normalize. Imports nothing else of deeptransfer."""
 
 from .decode import ImageDecodeError, decode_image
 from .reference import reference_preprocess
-from .resize import resize_crop_normalize
+from .resize import resize_crop_normalize, resized_crop_normalize
 
-__all__ = ["ImageDecodeError", "decode_image", "reference_preprocess", "resize_crop_normalize"]
+__all__ = ["ImageDecodeError", "decode_image", "reference_preprocess", "resize_crop_normalize",
+           "resized_crop_normalize"]

@@ -18,6 +18,12 @@ process, capped in bytes (``ShardTask.cache_bytes``; see ``load_round`` for what
 across rounds and epochs a worker reads its rows once. Engines pin a partition's tasks to one
 worker (``affinity``) so the cache is hit. When nothing fits under the cap, each round reads
 only its own rows.
+
+Augmented views (a store featurized with ``--train-views K``): the partitions are made of
+image rows as above; each round trains, for each of its images, on the view
+``FeatureStore.view_rows`` draws for the epoch (uniform over the center and the K views, a
+function of (seed, epoch, image row)), and the cache holds every view of its images
+((K + 1) rows each), so that an epoch's draw is an index into it.
 """
 from __future__ import annotations
 
@@ -53,9 +59,16 @@ class ShardTask:
 
 
 def store_key(attrs: Mapping[str, Any]) -> str:
-    """A short digest of what the store holds (rows, model, preprocessing, dtype)."""
+    """A short digest of what the store holds (rows, model, preprocessing, dtype, shape,
+    views)."""
     ident = {k: attrs.get(k) for k in ("manifest_digest", "model", "layer", "preprocess", "dtype",
                                       "feature_dim", "chunk_rows")}
+    # keys of newer stores, only where they say more than an older store (whose key, in
+    # checkpoints of runs on it, stays what it was)
+    if attrs.get("maps"):
+        ident["feature_shape"] = attrs.get("feature_shape")
+    if (attrs.get("train_views") or {}).get("k"):
+        ident["train_views"] = attrs.get("train_views")
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -152,13 +165,16 @@ def read_cached(parts: tuple, store_url: str, storage_options: Mapping[str, Any]
 
 
 def load_round(task: ShardTask) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float32) and labels of this round's rows, in training order.
+    """Features (float32, (n, *feature_shape)) and labels (int64) of this round's rows, in
+    training order: for each image, its view of the epoch (itself without train views).
 
     What the worker keeps, within ``task.cache_bytes``: with ``repartition="epoch"`` the whole
     split when it fits (partitions change every epoch, and any partition is then an index
     into it), else this epoch's partition (the previous epoch's is dropped); with "never" its
-    fixed partition. When nothing fits, only the round's own rows are read.
+    fixed partition. Each image comes with all its views (the epoch's draw indexes them).
+    When nothing fits, only the round's own rows are read.
     """
+    store = cached_store(task.store_url, task.storage_options)
     train = split_rows(task.store_url, task.split, task.storage_options, task.store_key)
     positions = partition_positions(len(train), seed=task.seed, epoch=task.epoch,
                                     n_parts=task.n_parts, part=task.part,
@@ -170,23 +186,38 @@ def load_round(task: ShardTask) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"round rows [{task.offset}, {stop}) outside partition {task.part} "
                          f"of {len(positions)} rows")
     sel = np.arange(task.offset, stop) if order is None else order[task.offset:stop]
-    row_bytes = _feature_dim(task) * 4 + 8
+    per_image = store.train_views + 1  # rows cached per image: itself and its views
+    row_bytes = (int(np.prod(store.feature_shape)) * 4 + 8) * per_image
     base = feature_parts("train", task, task.split)
+
+    def view_of(images: np.ndarray) -> np.ndarray:
+        """The epoch's view (0..K) of each image row."""
+        return store.view_choice(images, seed=task.seed, epoch=task.epoch)
+
     if task.repartition == "epoch" and len(train) * row_bytes <= task.cache_bytes:
-        x, y = read_cached(base + ("all",), task.store_url, task.storage_options, train,
-                           task.cache_bytes)
+        x, y = read_cached(base + ("all",), task.store_url, task.storage_options,
+                           _with_views(store, train), task.cache_bytes)
         idx = positions[sel]
+        if per_image > 1:
+            idx = idx * per_image + view_of(train[idx])
         return x[idx], y[idx]
     if len(positions) * row_bytes <= task.cache_bytes:
         part_key = base + (task.seed, task.n_parts, task.part, task.repartition)
         if task.repartition == "epoch":
             worker_state.pop(FEATURES, part_key + (task.epoch - 1,))  # last epoch's partition is not coming back
             part_key += (task.epoch,)
-        x, y = read_cached(part_key, task.store_url, task.storage_options, train[positions],
-                           task.cache_bytes)
-        return x[sel], y[sel]
-    return cached_store(task.store_url, task.storage_options).read_rows(train[positions[sel]])
+        members = train[positions]
+        x, y = read_cached(part_key, task.store_url, task.storage_options,
+                           _with_views(store, members), task.cache_bytes)
+        idx = sel if per_image == 1 else sel * per_image + view_of(members[sel])
+        return x[idx], y[idx]
+    images = train[positions[sel]]
+    return store.read_rows(store.view_rows(images, seed=task.seed, epoch=task.epoch))
 
 
-def _feature_dim(task: ShardTask) -> int:
-    return cached_store(task.store_url, task.storage_options).feature_dim
+def _with_views(store: Any, image_rows: np.ndarray) -> np.ndarray:
+    """The rows of the images and of their views: image i's view v at i * (K + 1) + v (the
+    image rows themselves in a store without views)."""
+    if store.train_views == 0:
+        return image_rows
+    return store.view_table(image_rows).reshape(-1)
