@@ -89,6 +89,9 @@ def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "effic
     check_store_target(store, dataset=dataset, overwrite=overwrite,
                        storage_options=storage_options)
     spec = _resolve_model(model, layer, weights)
+    from .models import composite
+
+    composite.check_options(spec.name, keep_maps=keep_maps, train_views=train_views)
     if keep_maps:  # a vector layer has no map to keep: said before any engine starts
         from .models import check_map_layer, get_model_info, resolve_layer
 

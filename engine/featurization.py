@@ -495,7 +495,8 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
     """
     device = device or executor.default_device
     from .augment import TrainViews
-    from .models import ModelSpec, check_map_layer, get_model_info, map_shape, resolve_layer
+    from .models import (ModelSpec, check_map_layer, composite, get_model_info, map_shape,
+                         resolve_layer)
 
     check_int("batch_size", batch_size, low=1, where="featurize")
     check_int("chunk_rows", chunk_rows, low=1, where="featurize")
@@ -510,6 +511,7 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
             "An in-memory store (memory://) cannot be written by worker processes: each has "
             "its own memory. Give a path or a shared fsspec URL (s3://, gs://, ...).")
     spec_in = model if isinstance(model, ModelSpec) else ModelSpec(name=str(model))
+    composite.check_options(spec_in.name, keep_maps=keep_maps, train_views=train_views)
     info = get_model_info(spec_in.name)
     layer = resolve_layer(info, spec_in.layer)  # default, aliases; unknown -> UnknownModelError
     mspec = ModelSpec(name=spec_in.name, layer=layer, weights=spec_in.weights)

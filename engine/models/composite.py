@@ -139,8 +139,8 @@ def store_attrs(model: Any, views: str) -> dict[str, Any]:
 
 
 def check_options(model: Any, *, layer: str | None = None, weights: str | None = None,
-                  keep_maps: bool = False) -> None:
-    """One-line errors for what a composite does not take: a layer, weights, maps."""
+                  keep_maps: bool = False, train_views: int = 0) -> None:
+    """One-line errors for what a composite does not take: a layer, weights, maps, views."""
     if not is_composite(model):
         return
     name = composite_name(model)
@@ -159,6 +159,11 @@ def check_options(model: Any, *, layer: str | None = None, weights: str | None =
             f"--keep-maps cannot be used with --model {name}: several backbones are stored "
             "as pooled vectors side by side only. Drop --keep-maps, or featurize one model.",
             param="keep_maps")
+    if train_views:
+        raise InvalidParameterError(
+            f"--train-views cannot be used with --model {name} yet: augmented views are "
+            "featurized for one backbone. Drop --train-views, or featurize one model.",
+            param="train_views")
 
 
 def part_preprocess(config_preprocess: Mapping[str, Any]) -> list[Any]:
