@@ -1,7 +1,7 @@
 """Averaging-round overhead per engine for a given head shape (default 1280 x 257).
 
     python benchmarks/rounds.py [--dim 1280] [--classes 257] [--engines local,dask,spark]
-        [--rows-per-class 40] [--epochs 4] [--json]
+        [--rows-per-class 40] [--epochs 4] [--suffix] [--json]
 
 Issue 4's target is stated for the 257-class head of 1280-d features (Caltech-256 with
 efficientnet_lite0), which benchmarks/engines.py does not train (its data has 101 classes).
@@ -21,6 +21,10 @@ median per-round figures of each run's rounds:
   percentile;
 - checkpoint: how long the writer thread took for a round's checkpoint (it runs while the
   next round does, so it is in "total" only through the wait and the CPU it takes).
+
+``--suffix`` trains what fine-tuning trains instead: blocks.6 + conv_head of
+efficientnet_lite0 on a synthetic store of blocks.5 maps (192 x 7 x 7, float16), with the
+head (1.0M + 1280 x classes parameters and their Adam state travelling every round).
 
 Rounds of the first epoch (shards loaded) and each epoch's last round (followed by
 validation) are left out. Engine start-up is not in any figure. Each run is a fresh Python
@@ -46,8 +50,11 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
-def make_store(url: str, dim: int, classes: int, rows_per_class: int, seed: int = 0) -> str:
-    """A complete feature store: ``classes x rows_per_class`` rows, 80/20 train/val."""
+def make_store(url: str, dim: int, classes: int, rows_per_class: int, seed: int = 0,
+               maps: tuple[int, int, int] | None = None) -> str:
+    """A complete feature store: ``classes x rows_per_class`` rows, 80/20 train/val; with
+    ``maps`` (C, H, W) a store of float16 maps of efficientnet_lite0's blocks.5 (as
+    ``featurize --layer blocks.5 --keep-maps`` makes) for fine-tuning its suffix."""
     from deeptransfer.dataset import Manifest, split_code
     from deeptransfer.store import create_store
 
@@ -57,23 +64,33 @@ def make_store(url: str, dim: int, classes: int, rows_per_class: int, seed: int 
     split = np.where(rng.random(n) < 0.8, split_code("train"), split_code("val")).astype(np.int8)
     m = Manifest("synthetic", [f"c{y}/{i}.jpg" for i, y in enumerate(labels)], labels, split,
                  [f"class{c}" for c in range(classes)])
-    st = create_store(url, m, feature_dim=dim, attrs={"model": "synthetic"}, chunk_rows=256)
-    centers = rng.normal(size=(classes, dim)).astype(np.float32)
+    if maps is None:
+        st = create_store(url, m, feature_dim=dim, attrs={"model": "synthetic"}, chunk_rows=256)
+        shape: tuple[int, ...] = (dim,)
+    else:
+        attrs = {"model": {"name": "efficientnet_lite0", "layer": "blocks.5", "weights": None},
+                 "layer": "blocks.5"}
+        st = create_store(url, m, feature_dim=maps[0], feature_shape=maps, attrs=attrs,
+                          dtype="float16", chunk_rows=256)
+        shape = maps
+    centers = rng.normal(size=(classes, *shape)).astype(np.float32)
     for i in range(st.n_chunks):
         a, b = st.chunk_bounds(i)
-        x = centers[labels[a:b]] + rng.normal(size=(b - a, dim)).astype(np.float32) * 2
-        st.write_chunk(i, x.astype(np.float32), np.ones(b - a, bool), [""] * (b - a))
+        x = centers[labels[a:b]] + rng.normal(size=(b - a, *shape)).astype(np.float32) * 2
+        st.write_chunk(i, x.astype(st.group["features"].dtype), np.ones(b - a, bool),
+                       [""] * (b - a))
     return url
 
 
-def one_run(engine: str, store: str, epochs: int, workers: int) -> dict:
+def one_run(engine: str, store: str, epochs: int, workers: int, suffix: bool = False) -> dict:
     import deeptransfer as dt
     from deeptransfer.diagnostics import start_workers
     from deeptransfer.engines import get_executor
     from deeptransfer.training import train_head
 
     cfg = dt.train_config(workers=workers, epochs=epochs, batch_size_per_worker=32,
-                          averaging_frequency=5, optimizer="adam", lr=1e-3, seed=0)
+                          averaging_frequency=5, optimizer="adam", lr=1e-3, seed=0,
+                          train_from="blocks.6" if suffix else None)
     recs: list[dict] = []  # the rounds' records, with their checkpoint time (the callback's)
     out = tempfile.mkdtemp(prefix=f"dt-rounds-{engine}-")
     try:
@@ -106,12 +123,13 @@ def one_run(engine: str, store: str, epochs: int, workers: int) -> dict:
             "checkpoint_wait_ms": med(lambda a, b: a["checkpoint_wait_seconds"])}
 
 
-def run_child(engine: str, store: str, epochs: int, workers: int, timeout: float = 900) -> dict:
+def run_child(engine: str, store: str, epochs: int, workers: int, timeout: float = 900,
+              suffix: bool = False) -> dict:
     """``one_run`` in a fresh Python process (its process group is killed on timeout)."""
     from engines import run_group
 
     cmd = [sys.executable, os.path.abspath(__file__), "--_run", engine, store, str(epochs),
-           str(workers)]
+           str(workers), str(int(suffix))]
     proc = run_group(cmd, dict(os.environ), timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"rounds.py run on {engine} failed (rc={proc.returncode}):\n"
@@ -119,10 +137,16 @@ def run_child(engine: str, store: str, epochs: int, workers: int, timeout: float
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def dt_head():
+    from deeptransfer.training import HeadConfig
+
+    return HeadConfig()
+
+
 def main(argv: list[str] | None = None) -> dict:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_run":  # a child: one run
-        engine, store, epochs, workers = sys.argv[2:6]
-        print(json.dumps(one_run(engine, store, int(epochs), int(workers))))
+        engine, store, epochs, workers, suffix = sys.argv[2:7]
+        print(json.dumps(one_run(engine, store, int(epochs), int(workers), suffix == "1")))
         return {}
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dim", type=int, default=1280)
@@ -132,18 +156,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engines", default="local,dask,spark")
+    ap.add_argument("--suffix", action="store_true",
+                    help="fine-tune efficientnet_lite0's blocks.6 + conv_head on blocks.5 maps "
+                         "(192 x 7 x 7): its parameters and optimizer state travel each round")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     engines = [e for e in args.engines.split(",") if e]
 
     work = tempfile.mkdtemp(prefix="dt-rounds-")
     store = make_store(os.path.join(work, "f.zarr"), args.dim, args.classes,
-                       args.rows_per_class)
+                       args.rows_per_class, maps=(192, 7, 7) if args.suffix else None)
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     try:
         for rep in range(args.repeats):
             for e in engines:
-                r = run_child(e, store, args.epochs, args.workers)
+                r = run_child(e, store, args.epochs, args.workers, suffix=args.suffix)
                 runs[e].append(r)
                 print(f"[{rep + 1}/{args.repeats}] {e:6s} round compute {r['compute_ms']:6.1f} "
                       f"ms, beyond it {r['total_ms']:6.1f} ms (p90 {r['total_p90_ms']:.1f}; engine {r['overhead_ms']:.1f} + "
@@ -156,9 +183,18 @@ def main(argv: list[str] | None = None) -> dict:
             "checkpoint_wait_ms")
     summary = {e: {k: statistics.median(r[k] for r in rs) for k in keys}
                for e, rs in runs.items()}
+    params = (args.dim + 1) * args.classes
+    what = f"head {args.dim} x {args.classes}"
+    if args.suffix:  # blocks.6 + conv_head (folded) + a 1280 x classes head
+        from deeptransfer.training.trainable import SuffixSpec, build_trainable
+
+        module = build_trainable(SuffixSpec("efficientnet_lite0", None, "blocks.5", (192, 7, 7),
+                                            "blocks.6"), dt_head(), 192, args.classes)
+        params = sum(p.numel() for p in module.parameters())
+        what = f"suffix blocks.6 + conv_head + head 1280 x {args.classes}"
     out = {"dim": args.dim, "classes": args.classes, "workers": args.workers,
-           "params": (args.dim + 1) * args.classes, "results": summary, "runs": runs}
-    print(f"\nhead {args.dim} x {args.classes}, {args.workers} workers: median per round, ms")
+           "suffix": args.suffix, "params": params, "results": summary, "runs": runs}
+    print(f"\n{what} ({params:,} parameters), {args.workers} workers: median per round, ms")
     print(f"  {'engine':6s} {'compute':>8s} {'beyond':>8s} {'(p90)':>7s} {'(engine':>8s} "
           f"{'+ driver)':>9s} {'checkpoint write':>17s}")
     for e, s in summary.items():

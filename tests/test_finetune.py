@@ -193,3 +193,26 @@ def test_a_fine_tuning_run_stopped_mid_epoch_resumes_to_the_same_weights(photos,
                          plot=False)
     assert_params_equal(whole.last_params, resumed.last_params)
     assert_params_equal(whole.params, resumed.params)
+
+
+def test_predict_on_the_files_gives_evaluations_probabilities_on_the_store(maps, tmp_path):
+    import deeptransfer as dt
+    from deeptransfer.evaluation import predict_split
+
+    res = train_head(SerialExecutor(2), maps, cfg(), str(tmp_path / "m"), progress=False,
+                     plot=False)
+    model = dt.load(tmp_path / "m")
+    assert model.suffix == res.suffix and model.suffix.train_from == "blocks.6"
+    st = open_store(maps)
+    pred = predict_split(SerialExecutor(1), maps, res.params, res.head, "val",
+                         suffix=res.suffix)
+    want = torch.softmax(torch.from_numpy(pred.logits), dim=1).numpy()
+    paths = [str(p) for p in st["paths"][:][pred.rows]]
+    with one_torch_thread():  # the workers' thread count: the same float sums
+        got, reasons = model.predict_proba_sources(paths)
+    assert not any(reasons)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # and it is the tuned suffix that ran: the backbone's own stages give other numbers
+    pretrained = build_trainable(res.suffix, res.head, 192, 3, seed=3, pretrained=True)
+    assert not np.allclose(head_params(pretrained)["suffix.conv_head.0.weight"],
+                           res.params["suffix.conv_head.0.weight"])
