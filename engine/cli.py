@@ -410,9 +410,9 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
             help="seed of the head's initialization, partitions, shuffles and dropout")
     _option(t, "--train-from", metavar="STAGE",
             help="for a store of maps (featurize --keep-maps): the first backbone stage to "
-                 "fine-tune, the stage after the store's layer (the default, 'none' here); "
+                 "fine-tune, which is the stage after the store's layer ('none' picks it); "
                  "'head' trains the head alone on the pooled maps")
-    _option(t, "--suffix-lr-scale", type=_float_type(0.0, low_open=True),
+    _option(t, "--suffix-lr-scale", type=_float_type(0.0, low_open=True), metavar="SCALE",
             help="learning rate of the fine-tuned stages = --lr x this")
     t.add_argument("--no-resume", action="store_true",
                    help="start over instead of resuming the run checkpointed in MODEL_DIR")

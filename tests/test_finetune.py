@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from deeptransfer.dataset import load_dataset
 from deeptransfer.errors import InvalidParameterError
@@ -23,10 +22,10 @@ from deeptransfer.training import TrainConfig, train_head
 from deeptransfer.training.averaging import one_torch_thread
 from deeptransfer.training.heads import HeadConfig, head_params
 from deeptransfer.training.optim import OptimizerConfig, make_optimizer
-from deeptransfer.training.shards import partition_rows, partition_sizes
 from deeptransfer.training.trainable import SuffixSpec, build_trainable
 from photos import make_photo_dataset
 from test_train import SerialExecutor, assert_params_equal
+from test_train import reference_loop as train_reference_loop
 
 
 @pytest.fixture(scope="module")
@@ -60,33 +59,26 @@ def cfg(**kw) -> TrainConfig:
 
 
 def reference_loop(url, c: TrainConfig, *, n_parts: int = 1, momentum: float = 0.9):
-    """Plain single-process training of the same module: torch.optim.SGD over two parameter
-    groups (suffix at lr x suffix_lr_scale); with n_parts > 1, one step per round on the
-    union of the workers' minibatches."""
+    """Plain single-process training of the same module (test_train's loop): torch.optim.SGD
+    over two parameter groups (the suffix at lr x suffix_lr_scale); with n_parts > 1, one
+    step per round on the union of the workers' minibatches."""
     st = open_store(url)
-    train = st.split_rows("train")
     suffix = SuffixSpec.from_store(st.attrs, c.train_from)
     model = build_trainable(suffix, c.head, st.feature_dim, len(st.classes), seed=c.seed,
                             pretrained=True)
     lr = c.optimizer.lr
-    groups = [{"params": [p for n, p in model.named_parameters() if n.startswith("suffix.")],
-               "lr": lr * c.suffix_lr_scale},
-              {"params": [p for n, p in model.named_parameters() if not n.startswith("suffix.")]}]
-    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=False)
-    batch = c.batch_size_per_worker
-    with one_torch_thread():
-        for epoch in range(c.epochs):
-            parts = [partition_rows(train, seed=c.seed, epoch=epoch, n_parts=n_parts, part=p,
-                                    repartition=c.repartition) for p in range(n_parts)]
-            data = [st.read_rows(p) for p in parts]
-            for s in range(0, max(partition_sizes(len(train), n_parts)), batch):
-                x = np.concatenate([d[0][s:s + batch] for d in data])
-                y = np.concatenate([d[1][s:s + batch] for d in data])
-                loss = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    return head_params(model)
+
+    def make_opt(m):
+        groups = [{"params": [p for n, p in m.named_parameters() if n.startswith("suffix.")],
+                   "lr": lr * c.suffix_lr_scale},
+                  {"params": [p for n, p in m.named_parameters()
+                              if not n.startswith("suffix.")]}]
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=False)
+
+    with one_torch_thread():  # fit_shard's thread count: the same float sums
+        return train_reference_loop(url, c.head, make_opt, seed=c.seed, epochs=c.epochs,
+                                    batch=c.batch_size_per_worker, repartition=c.repartition,
+                                    n_parts=n_parts, model=model)
 
 
 def test_the_store_holds_maps_and_the_suffix_is_the_stages_after_the_cut(maps):

@@ -188,15 +188,7 @@ def test_predictor_gives_the_saved_models_predictions(spark, photos, model_dir):
     out = pred.transform(df)
     assert out.columns == ["path", "prediction", "probability"]
     rows = out.collect()
-    assert len(rows) == len(paths)
-    for r in rows:
-        w = want[r["path"]]
-        assert r["prediction"] == w.label, r["path"]
-        if w.label is None:
-            assert r["probability"] is None
-        else:
-            assert len(r["probability"]) == len(model.classes)
-            assert max(r["probability"]) == pytest.approx(w.score, rel=1e-4)
+    assert_rows_match(rows, want, paths, model.classes)
 
 
 def test_predictor_uses_the_views_the_model_was_trained_with(spark, photos, model_dir,
@@ -252,3 +244,20 @@ def test_predictor_bad_arguments_fail_on_the_driver(spark, tmp_path):
         register_predict_udf(spark, str(tmp_path))
     with pytest.raises(InvalidParameterError, match="name"):
         register_predict_udf(spark, str(tmp_path), name="drop table")
+
+
+def assert_rows_match(rows, want, paths, classes, *, exact: bool = False) -> None:
+    """DeepImagePredictor's rows carry predict's label and probabilities for every path
+    (``exact``: every class's probability to the bit; else the top score to 1e-4)."""
+    assert len(rows) == len(paths)
+    for r in rows:
+        w = want[r["path"]]
+        assert r["prediction"] == w.label, r["path"]
+        if w.label is None:
+            assert r["probability"] is None
+        elif exact:
+            probs = dict(w.top_k)
+            np.testing.assert_array_equal(r["probability"], [probs[c] for c in classes])
+        else:
+            assert len(r["probability"]) == len(classes)
+            assert max(r["probability"]) == pytest.approx(w.score, rel=1e-4)

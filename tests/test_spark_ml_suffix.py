@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,6 +23,7 @@ import deeptransfer as dt  # noqa: E402
 from deeptransfer.adapters.spark import SparkExecutor  # noqa: E402
 from deeptransfer.adapters.spark_ml import DeepImagePredictor, register_predict_udf  # noqa: E402
 from suffix_models import save_suffix_model, tuned_params  # noqa: E402
+from test_spark_ml import assert_rows_match  # noqa: E402
 
 pytestmark = [pytest.mark.spark, pytest.mark.filterwarnings(
     "ignore:PySpark does not yet fully support pandas:FutureWarning")]
@@ -57,16 +57,7 @@ def test_predictor_and_sql_function_run_the_saved_suffix(spark, tmp_path):
     df = spark.createDataFrame([(p,) for p in paths], ["path"])
     rows = DeepImagePredictor(modelDir=model_dir, probabilityCol="probability",
                               batchSize=2).transform(df).collect()
-    assert len(rows) == len(paths)
-    for r in rows:
-        w = want[r["path"]]
-        assert r["prediction"] == w.label, r["path"]
-        if w.label is None:
-            assert r["probability"] is None
-        else:
-            probs = dict(w.top_k)
-            np.testing.assert_allclose(r["probability"], [probs[c] for c in model.classes],
-                                       rtol=0, atol=0)
+    assert_rows_match(rows, want, paths, model.classes, exact=True)
     # the SQL function, on encoded bytes
     register_predict_udf(spark, model_dir, batch_size=2)
     spark.read.format("binaryFile").option("pathGlobFilter", "*.jpg").load(str(tmp_path)) \

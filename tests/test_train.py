@@ -142,13 +142,16 @@ def assert_params_equal(a, b):
 # (a) one worker is plain minibatch training
 
 
-def reference_loop(url, head, make_opt, *, seed, epochs, batch, repartition, n_parts=1):
-    """Plain single-process training; with n_parts > 1, one step per round on the union of the
-    workers' minibatches (each worker contributing ``batch`` rows)."""
+def reference_loop(url, head, make_opt, *, seed, epochs, batch, repartition, n_parts=1,
+                   model=None):
+    """Plain single-process training (of ``model``, default a fresh head); with n_parts > 1,
+    one step per round on the union of the workers' minibatches (each worker contributing
+    ``batch`` rows). ``make_opt(model)`` gives its torch optimizer."""
     st = open_store(url)
     train = st.split_rows("train")
-    model = build_head(head, st.feature_dim, len(st.classes), seed=seed)
-    opt = make_opt(model.parameters())
+    if model is None:
+        model = build_head(head, st.feature_dim, len(st.classes), seed=seed)
+    opt = make_opt(model)
     per_part = partition_sizes(len(train), n_parts)
     for epoch in range(epochs):
         parts = [partition_rows(train, seed=seed, epoch=epoch, n_parts=n_parts, part=p,
@@ -165,10 +168,11 @@ def reference_loop(url, head, make_opt, *, seed, epochs, batch, repartition, n_p
 
 
 @pytest.mark.parametrize("name,make_opt,repartition", [
-    ("sgd", lambda p: torch.optim.SGD(p, lr=0.1), "epoch"),
-    ("momentum", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), "never"),
-    ("nesterov", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True), "epoch"),
-    ("adam", lambda p: torch.optim.Adam(p, lr=0.01), "never"),
+    ("sgd", lambda m: torch.optim.SGD(m.parameters(), lr=0.1), "epoch"),
+    ("momentum", lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), "never"),
+    ("nesterov", lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,
+                                           nesterov=True), "epoch"),
+    ("adam", lambda m: torch.optim.Adam(m.parameters(), lr=0.01), "never"),
 ])
 def test_one_worker_is_exactly_plain_minibatch_training(blobs, tmp_path, name, make_opt,
                                                         repartition):
@@ -195,7 +199,8 @@ def test_averaging_every_step_equals_n_times_the_batch(blobs, tmp_path, workers)
     c = cfg(head=head, workers=workers, averaging_frequency=1, batch_size_per_worker=8)
     res = run(SerialExecutor(workers), blobs, c, tmp_path)
     assert res.rounds == 2 * 192 // (8 * workers)
-    ref = reference_loop(blobs, head, lambda p: torch.optim.SGD(p, lr=0.1), seed=3, epochs=2,
+    ref = reference_loop(blobs, head, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                         seed=3, epochs=2,
                          batch=8, repartition="epoch", n_parts=workers)
     for k in ref:
         np.testing.assert_allclose(res.last_params[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)

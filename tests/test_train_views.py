@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import deeptransfer as dt
 from deeptransfer import worker_state
 from deeptransfer.adapters.local import LocalExecutor
 from deeptransfer.augment import TrainViews, draw_view, random_resized_box, view_rng
