@@ -153,9 +153,9 @@ def predict_rows(task: PredictTask, shared: PredictState) -> Predictions:
     import torch
 
     from .training.averaging import one_torch_thread
-    from .training.heads import HeadConfig
+    from .training.heads import HeadConfig, load_params
     from .training.shards import feature_parts, read_cached, split_rows
-    from .training.trainable import SuffixSpec, trainable_from_params
+    from .training.trainable import SuffixSpec, worker_module
 
     rows = split_rows(task.store_url, task.split, task.storage_options, task.store_key)
     rows = rows[task.start:task.stop]
@@ -167,9 +167,11 @@ def predict_rows(task: PredictTask, shared: PredictState) -> Predictions:
 
         x, y = cached_store(task.store_url, task.storage_options).read_rows(rows)
     with one_torch_thread(), torch.no_grad():
-        head = trainable_from_params(SuffixSpec.from_dict(shared.suffix),
-                                     HeadConfig.from_dict(shared.head), shared.params,
-                                     in_dim=shared.in_dim, n_classes=shared.n_classes)
+        # the worker's module, built once (a suffix is a network); this pass's parameters
+        head = worker_module(SuffixSpec.from_dict(shared.suffix),
+                             HeadConfig.from_dict(shared.head), shared.in_dim, shared.n_classes)
+        load_params(head, shared.params)
+        head.eval()
         # a copy: cached blocks are read-only, which torch.from_numpy warns about
         logits = head(torch.from_numpy(np.array(x, dtype=np.float32, order="C"))).numpy()
     return Predictions(rows=np.asarray(rows), logits=logits.astype(np.float32, copy=False),

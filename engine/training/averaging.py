@@ -21,23 +21,20 @@ seeded by (seed, epoch, round, worker): the same seed gives the same head on eve
 """
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
 
-from .. import worker_state
 from .heads import (HeadConfig, has_batch_norm, head_params, load_params, loss_fn,
                     set_dropout_generator)
 from .optim import OptimizerConfig, export_state, import_state, init_state, make_optimizer
 from .shards import ShardTask, load_round
-from .trainable import SUFFIX, SuffixSpec, build_trainable
+from .trainable import SUFFIX, SuffixSpec, worker_module
 
 __all__ = ["RoundState", "ShardResult", "ShardTask", "fit_shard", "combine", "average",
            "round_seed", "one_torch_thread"]
@@ -102,28 +99,9 @@ def one_torch_thread() -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-#: kind of the head modules in the one worker cache (``worker_state``); keyed by thread too,
-#: since a module's parameters are loaded into it by each call
-HEADS = "head"
-#: bytes of parameters that the cached heads may hold together per process
-HEAD_CACHE_BYTES = 256 << 20
-
-
 def _head(shared: RoundState) -> torch.nn.Module:
-    """The trainable module (suffix + head), reused within a worker thread (its parameters
-    are loaded each call)."""
-    suffix = None if shared.suffix is None else json_key(shared.suffix.to_dict())
-    parts = (threading.get_ident(), json_key(shared.head.to_dict()), shared.in_dim,
-             shared.n_classes, suffix)
-    return worker_state.get(
-        HEADS, parts,
-        lambda: build_trainable(shared.suffix, shared.head, shared.in_dim, shared.n_classes),
-        nbytes=lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values()),
-        cap=HEAD_CACHE_BYTES)
-
-
-def json_key(d: Mapping[str, Any]) -> str:
-    return json.dumps(d, sort_keys=True)
+    """The trainable module (suffix + head) of this worker thread (see worker_module)."""
+    return worker_module(shared.suffix, shared.head, shared.in_dim, shared.n_classes)
 
 
 def fit_shard(task: ShardTask, shared: RoundState) -> ShardResult:

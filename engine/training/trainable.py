@@ -28,8 +28,8 @@ from torch import nn
 from ..errors import InvalidParameterError
 from .heads import HeadConfig, build_head, load_params
 
-__all__ = ["SuffixSpec", "build_trainable", "trainable_from_params", "head_in_dim",
-           "SUFFIX", "HEAD_ONLY"]
+__all__ = ["SuffixSpec", "build_trainable", "trainable_from_params", "worker_module",
+           "head_in_dim", "SUFFIX", "HEAD_ONLY"]
 
 #: name of the suffix child of a trainable module (its parameters are "suffix.*")
 SUFFIX = "suffix"
@@ -143,6 +143,31 @@ def build_trainable(suffix: SuffixSpec | None, head: HeadConfig, in_dim: int, n_
         return h
     children = [(SUFFIX, _suffix_module(suffix, pretrained=pretrained))]
     return nn.Sequential(OrderedDict(children + list(h.named_children())))
+
+
+#: kind of the trainable modules in the one worker cache (``worker_state``); keyed by thread
+#: too, since a module's parameters are loaded into it by each call
+MODULES = "trainable"
+#: bytes of parameters that the cached modules may hold together per process
+MODULE_CACHE_BYTES = 256 << 20
+
+
+def worker_module(suffix: SuffixSpec | None, head: HeadConfig, in_dim: int,
+                  n_classes: int) -> nn.Sequential:
+    """The trainable module's structure for this worker thread, built once and reused by
+    every round and validation block (the caller loads the parameters into it)."""
+    import json
+    import threading
+
+    from .. import worker_state
+
+    parts = (threading.get_ident(), json.dumps(head.to_dict(), sort_keys=True), int(in_dim),
+             int(n_classes),
+             None if suffix is None else json.dumps(suffix.to_dict(), sort_keys=True))
+    return worker_state.get(
+        MODULES, parts, lambda: build_trainable(suffix, head, in_dim, n_classes),
+        nbytes=lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values()),
+        cap=MODULE_CACHE_BYTES)
 
 
 def trainable_from_params(suffix: SuffixSpec | None, head: HeadConfig,
