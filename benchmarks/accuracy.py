@@ -32,6 +32,8 @@ from dataclasses import replace
 
 from engines import time_to  # one definition for both benchmarks
 
+from deeptransfer import jsonutil
+
 
 def reference_logreg(store, seed: int, read=None) -> dict:
     """LogisticRegression on standardized features, C chosen on the validation split
@@ -171,7 +173,7 @@ def finetune_main(args: argparse.Namespace) -> dict:
            "train_from": args.train_from, "train_views": args.train_views, "views": args.views,
            "seeds": seeds, "summary": summary, "per_seed": per_seed}
     if args.json:
-        print(json.dumps(out))
+        print(jsonutil.dumps(out))
     return out
 
 
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"time to 99% of that ({0.99 * target:.4f}): {t99_avg:.1f} s averaging vs "
               f"{t99_single:.1f} s single process -> {out['time_to_99pct_target_ratio']:.2f}x")
     if args.json:
-        print(json.dumps(out))
+        print(jsonutil.dumps(out))
     return out
 
 

@@ -63,6 +63,8 @@ if HERE not in sys.path:
 
 from featurize import TUNABLES, PeakRSS, link_subset, subset  # noqa: E402
 
+from deeptransfer import jsonutil
+
 # Spark binds to loopback and its Python workers run this interpreter (environment.md)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -537,7 +539,7 @@ def child_main(spec_path: str) -> None:
         spec = json.load(f)
     os.makedirs(spec["work"], exist_ok=True)
     out = CHILDREN[spec["kind"]](spec)
-    print(RESULT_TAG + json.dumps(out), flush=True)
+    print(RESULT_TAG + jsonutil.dumps(out), flush=True)
 
 
 # =============================================================================================
@@ -1153,14 +1155,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(md)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=1)
+        jsonutil.dump(out, f, indent=1)
     out["plots"] = plots(out, args.out)
     say("")
     say(md)
     say(f"written: {os.path.join(args.out, 'results.md')}, {', '.join(out['plots'])} "
         f"({out['seconds']:.0f} s in all)")
     if args.json:
-        print(json.dumps(out), flush=True)
+        print(jsonutil.dumps(out), flush=True)
     return out
 
 
@@ -1171,7 +1173,7 @@ if __name__ == "__main__":
         # python benchmarks/engines.py --cost-model runs/engines/results.json
         with open(sys.argv[2], encoding="utf-8") as f:
             cm = cost_model(json.load(f))
-        print(json.dumps(cm["inputs"], indent=1))
+        print(jsonutil.dumps(cm["inputs"], indent=1))
         print(cost_model_markdown(cm))
     else:
         main()

@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from deeptransfer.workerenv import MALLOC_TUNABLES as TUNABLES
+from deeptransfer import jsonutil
 
 
 def _reexec_with_tunables() -> None:
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"kernel speed-up vs PIL + NumPy: {out['kernel_speedup']:.2f}x")
     print(f"peak RSS of the featurize job (driver + workers): {out['peak_rss_mb']:.0f} MB")
     if args.json:
-        print(json.dumps(out))
+        print(jsonutil.dumps(out))
     return out
 
 

@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from deeptransfer import jsonutil
+
 # Spark binds to loopback and its Python workers run this interpreter
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -146,7 +148,7 @@ def dt_head():
 def main(argv: list[str] | None = None) -> dict:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_run":  # a child: one run
         engine, store, epochs, workers, suffix = sys.argv[2:7]
-        print(json.dumps(one_run(engine, store, int(epochs), int(workers), suffix == "1")))
+        print(jsonutil.dumps(one_run(engine, store, int(epochs), int(workers), suffix == "1")))
         return {}
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dim", type=int, default=1280)
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {e:6s} {s['compute_ms']:8.1f} {s['total_ms']:8.1f} {s['total_p90_ms']:7.1f} "
               f"{s['overhead_ms']:8.1f} {s['driver_ms']:9.1f} {s['checkpoint_ms']:17.1f}")
     if args.json:
-        print(json.dumps(out))
+        print(jsonutil.dumps(out))
     return out
 
 

@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from .dataset import SPLITS, Manifest, split_code
+from . import jsonutil
 from .errors import DeeptransferError, InvalidParameterError, StoreError
 from .storesafety import (FORMAT, PENDING_ATTR, check_store_target, holder_message,
                           is_temp_key, live_holder, os_error, place, remove_store, write_errors)
@@ -633,7 +634,7 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
                     "dataset_warnings": list(manifest.warnings)}
             # attributes last: a store without them is not yet a store, so an interrupted
             # create is redone rather than resumed
-            group.attrs.put(json.loads(json.dumps(meta)))
+            group.attrs.put(json.loads(jsonutil.dumps(meta)))
     except StoreError:
         raise
     except Exception as exc:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from .. import jsonutil
 from ..errors import StoreError
 from ..files import append_line, atomic_target, atomic_write, make_dirs
 from ..modeldir import CHECKPOINT_FORMAT, RUN_FILES, remove_run_files
@@ -143,7 +144,7 @@ def checkpoint_bytes(state: Mapping[str, Any], params: Mapping[str, np.ndarray],
     meta["param_order"] = list(params)
     meta["opt_order"] = list(opt_state) if opt_state is not None else None
     meta["has_best"] = best_params is not None
-    return save(tensors, metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(meta)})
+    return save(tensors, metadata={"format": CHECKPOINT_FORMAT, "state": jsonutil.dumps(meta)})
 
 
 def save_checkpoint(path: "str | tuple[RunDir, str]", state: Mapping[str, Any],
@@ -262,7 +263,7 @@ class CheckpointWriter:
         caller was blocked waiting for it.
         """
         self.flush()
-        snapshot = json.loads(json.dumps(state))  # the loop goes on changing ``state``
+        snapshot = json.loads(jsonutil.dumps(state))  # the loop goes on changing ``state``
         fut = self._pool.submit(self._write, snapshot, params, opt_state, best_params)
         self._pending = (fut, then)
 
