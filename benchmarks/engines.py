@@ -489,7 +489,7 @@ def child_cost_inputs(spec: dict[str, Any]) -> dict[str, Any]:
         sample = decoded_images(list(manifest.paths[:16]), pp.resize)
         imgs = (sample * (16 // len(sample) + 1))[:16]
         ready = np.zeros((16, pp.crop, pp.crop, 3), np.float32)
-        resize_crop_normalize(imgs, ready, resize=pp.resize, crop=pp.crop, mean=pp.mean, std=pp.std)
+        resize_crop_normalize(imgs, ready, **pp.kernel_args())
         per = {b: forward_ips(bb, ready[:b], spec["forward_seconds"]) for b in (8, 16)}
         out["forward_ips"][name] = {"ips": max(per.values()), "per_batch_ips": per,
                                     "feature_dim": bb.feature_dim,

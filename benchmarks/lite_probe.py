@@ -64,8 +64,7 @@ def features(name: str, pre: Preprocess, data: list[bytes], batch: int = 16,
     buf = np.empty((batch, pre.crop, pre.crop, 3), np.float32)
     for i in range(0, len(data), batch):
         imgs = [decode_image(b, target_short_side=pre.resize) for b in data[i:i + batch]]
-        resize_crop_normalize(imgs, buf, resize=pre.resize, crop=pre.crop, mean=pre.mean,
-                              std=pre.std, layout="nhwc", parallel=False)
+        resize_crop_normalize(imgs, buf, layout="nhwc", parallel=False, **pre.kernel_args())
         x = torch.from_numpy(buf[:len(imgs)]).permute(0, 3, 1, 2)
         with torch.no_grad():
             out.append(model(x).numpy())

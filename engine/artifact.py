@@ -172,6 +172,7 @@ class TransferModel:
             self.spec = ModelSpec.from_dict(self.config["backbone"])
             pp = dict(self.config["preprocess"])
             self.views: str = pp.pop("views", "center")
+            pp.pop("kernel", None)  # featurization.RESAMPLE_KERNEL: the store's, not a setting
             #: several backbones (models/composite.py): each part's preprocessing (and
             #: ``preprocess`` None), else None
             self.part_preprocess = composite.part_preprocess(pp) if "parts" in pp else None

@@ -220,13 +220,28 @@ def _reason_text(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
+#: Stores whose model declares a filter other than bicubic carry this in their
+#: ``preprocess``: before it, the kernel resized with bicubic whatever the model declared
+#: (torchvision's VGG16 / ResNet-50 weights want bilinear), so such an older store has other
+#: features and must not be resumed by this version (its identity differs).
+RESAMPLE_KERNEL = "pillow-filters/1"
+
+
+def mark_resample_kernel(preprocess: dict[str, Any]) -> None:
+    """Add ``kernel`` to a store's ``preprocess`` attribute where a (part's) filter is not
+    bicubic; bicubic stores are unchanged by the fix and keep their identity."""
+    parts = preprocess.get("parts") or [preprocess]
+    if any(p.get("interpolation", "bicubic") != "bicubic" for p in parts):
+        preprocess["kernel"] = RESAMPLE_KERNEL
+
+
 def preprocess_batch(runner: _Runner, images: list[np.ndarray]) -> list[int]:
     """Fill the runner's buffer with ``images``; returns indices of images that failed."""
     from .kernels import resize_crop_normalize
 
     pp = runner.pp
     k = len(images)
-    kw = dict(resize=pp.resize, crop=pp.crop, mean=pp.mean, std=pp.std, layout="nhwc")
+    kw = dict(pp.kernel_args(), layout="nhwc")
     try:
         # serial kernel: the engine already runs one process per core
         resize_crop_normalize(images, runner.buffer[:k], parallel=False, **kw)
@@ -341,7 +356,8 @@ def featurize_views(runner: _Runner, paths: Sequence[str], image_rows: np.ndarra
     reasons = [""] * n
     t = timings if timings is not None else ChunkResult(chunk=-1, n_ok=0)
     queue: list[tuple[int, np.ndarray, tuple[int, int, int, int], bool]] = []
-    kw = dict(crop=pp.crop, mean=pp.mean, std=pp.std, layout="nhwc", parallel=False)
+    kw = dict(pp.kernel_args(), layout="nhwc", parallel=False)
+    del kw["resize"]  # a view's box is resized to the crop itself
 
     def flush() -> None:
         t0 = time.perf_counter()
@@ -530,6 +546,7 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
     from .models.composite import store_attrs
 
     attrs.update(store_attrs(mspec, views))  # several backbones: each part's preprocessing
+    mark_resample_kernel(attrs["preprocess"])
     t0 = time.perf_counter()
     # refused before anything is written: a file, a foreign folder, the dataset itself
     check_store_target(store_url, dataset=manifest.root, overwrite=overwrite,

@@ -1,6 +1,7 @@
 """The plain Pillow + NumPy preprocessing that the numba kernel must reproduce.
 
-Resize the short side to ``resize`` with ``Image.resize(..., Image.BICUBIC)`` (torchvision's
+Resize the short side to ``resize`` with ``Image.resize(..., Image.BICUBIC)`` (or another of
+Pillow's filters; torchvision's
 ``Resize(int)`` size rule), center crop like torchvision's ``CenterCrop``, scale to [0, 1],
 normalize per channel, all in float32 (torchvision's ToTensor + Normalize arithmetic). Used
 by the tests as the ground truth and by the benchmarks as the baseline: the obvious code
@@ -18,6 +19,9 @@ from .resize import crop_offsets, resized_size
 
 __all__ = ["reference_preprocess"]
 
+_PIL_FILTERS = {"box": Image.BOX, "bilinear": Image.BILINEAR, "hamming": Image.HAMMING,
+                "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+
 
 def reference_preprocess(
     img: np.ndarray,
@@ -26,8 +30,9 @@ def reference_preprocess(
     crop: int,
     mean: Sequence[float],
     std: Sequence[float],
+    interpolation: str = "bicubic",
 ) -> np.ndarray:
-    """(crop, crop, 3) float32: PIL bicubic resize + center crop + ``(x/255 - mean) / std``
+    """(crop, crop, 3) float32: PIL resize (``interpolation``: a Pillow filter name) + center crop + ``(x/255 - mean) / std``
     of one uint8 (H, W, 3) RGB (or (H, W) greyscale) image."""
     arr = np.asarray(img)
     if arr.dtype != np.uint8:
@@ -43,7 +48,7 @@ def reference_preprocess(
     h, w = arr.shape[:2]
     rh, rw = resized_size(h, w, resize)
     pil = Image.fromarray(np.ascontiguousarray(arr))
-    resized = np.asarray(pil.resize((rw, rh), Image.BICUBIC))
+    resized = np.asarray(pil.resize((rw, rh), _PIL_FILTERS[interpolation]))
     top, left = crop_offsets(rh, rw, crop)
     cropped = resized[top : top + crop, left : left + crop]
     # torchvision's ToTensor + Normalize, in float32, one channel plane at a time (NumPy

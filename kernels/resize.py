@@ -5,12 +5,14 @@
 does, for every uint8 RGB image, exactly what
 
     PIL.Image.resize((new_w, new_h), Image.BICUBIC)   # short side -> resize, torchvision rule
+                                                      # (or BILINEAR, BOX, HAMMING, LANCZOS)
     center crop (torchvision's CenterCrop offsets)
     x / 255, (x - mean) / std
 
 does, writing float32 straight into ``out[i]`` and computing only the pixels inside the
 crop window. It follows Pillow's algorithm step by step (``libImaging/Resample.c``):
-separable bicubic (a = -0.5) with the support widened by the downscale factor, the
+separable convolution with Pillow's filter (bicubic a = -0.5 by default; bilinear, box,
+hamming, lanczos by ``interpolation``) with the support widened by the downscale factor, the
 horizontal pass first into an 8-bit rounded and clipped intermediate, then the vertical
 pass, both with the same 22-bit fixed-point coefficients that Pillow computes. The 8-bit
 values before normalization are therefore the same as Pillow's (bit-exact with Pillow 10-13;
@@ -50,7 +52,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["resize_crop_normalize", "resized_crop_normalize", "resized_size", "crop_offsets"]
+__all__ = ["resize_crop_normalize", "resized_crop_normalize", "resized_size", "crop_offsets",
+           "FILTERS"]
 
 # Pillow's fixed-point precision for 8-bit images: 32 - 8 - 2 bits.
 _PREC = 22
@@ -82,12 +85,46 @@ def crop_offsets(height: int, width: int, crop: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 
 
+#: Pillow's resampling filters (``libImaging/Resample.c``) by the id the kernels take, with
+#: their support (half-width, in source pixels before the downscale widening)
+FILTERS = {"box": 0, "bilinear": 1, "hamming": 2, "bicubic": 3, "lanczos": 4}
+_SUPPORT = (0.5, 1.0, 1.0, 2.0, 3.0)
+
+
 @njit(cache=True)
-def _bicubic(x):
-    # Pillow's bicubic_filter, a = -0.5.
-    a = -0.5
+def _sinc(x):
+    if x == 0.0:
+        return 1.0
+    x = x * math.pi
+    return math.sin(x) / x
+
+
+@njit(cache=True)
+def _filter(kind, x):
+    """Pillow's box_filter, bilinear_filter, hamming_filter, bicubic_filter (a = -0.5) and
+    lanczos_filter, in the same double-precision arithmetic."""
+    if kind == 0:
+        if -0.5 < x <= 0.5:
+            return 1.0
+        return 0.0
+    if kind == 4:
+        if -3.0 <= x < 3.0:
+            return _sinc(x) * _sinc(x / 3.0)
+        return 0.0
     if x < 0.0:
         x = -x
+    if kind == 1:
+        if x < 1.0:
+            return 1.0 - x
+        return 0.0
+    if kind == 2:
+        if x == 0.0:
+            return 1.0
+        if x >= 1.0:
+            return 0.0
+        x = x * math.pi
+        return math.sin(x) / x * (0.54 + 0.46 * math.cos(x))
+    a = -0.5
     if x < 1.0:
         return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
     if x < 2.0:
@@ -96,9 +133,9 @@ def _bicubic(x):
 
 
 @njit(cache=True)
-def _coeffs(in_size, out_size, first, count, pad):
-    """Fixed-point bicubic taps for outputs first .. first+count-1 of a resize of
-    ``in_size`` to ``out_size`` samples (Pillow's precompute_coeffs + normalize_coeffs_8bpc).
+def _coeffs(in_size, out_size, first, count, pad, kind):
+    """Fixed-point taps of filter ``kind`` (``FILTERS``) for outputs first .. first+count-1
+    of a resize of ``in_size`` to ``out_size`` samples (Pillow's precompute_coeffs + normalize_coeffs_8bpc).
 
     Returns (start, ntap, kk, K): the taps of output i are kk[i, :ntap[i]] at input
     positions start[i] .. start[i]+ntap[i]-1, K = max(ntap). With ``pad`` every output gets
@@ -107,7 +144,7 @@ def _coeffs(in_size, out_size, first, count, pad):
     """
     scale = in_size / out_size
     filterscale = scale if scale > 1.0 else 1.0
-    support = 2.0 * filterscale
+    support = _SUPPORT[kind] * filterscale
     ksize = int(math.ceil(support)) * 2 + 1
     start = np.empty(count, np.int64)
     ntap = np.empty(count, np.int64)
@@ -126,7 +163,7 @@ def _coeffs(in_size, out_size, first, count, pad):
         xmax -= xmin
         ww = 0.0
         for x in range(xmax):
-            v = _bicubic((x + xmin - center + 0.5) * ss)
+            v = _filter(kind, (x + xmin - center + 0.5) * ss)
             w[x] = v
             ww += v
         for x in range(xmax):
@@ -163,14 +200,14 @@ def _grow(buf, n):
 
 
 @njit(cache=True)
-def _one_image(src, H, W, rh, rw, top, left, crop, sc, bi, nchw, dst, bufs):
+def _one_image(src, H, W, rh, rw, top, left, crop, sc, bi, nchw, dst, bufs, kind):
     """Resize + crop + normalize one image; src is its (H*W*3) uint8 slice, dst the
     (crop*crop*3) float32 slice of out. bufs = (T, tmp, acc, tb), grown as needed and
     returned."""
     T, tmp, acc, tb = bufs
     C = crop
-    xs, xn, kh, K = _coeffs(W, rw, left, C, True)
-    ys, yn, kv, _ = _coeffs(H, rh, top, C, False)
+    xs, xn, kh, K = _coeffs(W, rw, left, C, True, kind)
+    ys, yn, kv, _ = _coeffs(H, rh, top, C, False, kind)
     y0 = ys[0]
     nrows = ys[C - 1] + yn[C - 1] - y0
     x0 = xs[0]
@@ -257,27 +294,27 @@ def _new_bufs():
 
 
 @njit(cache=True)
-def _chunk(flat, offs, geom, crop, sc, bi, nchw, out2d, first, step):
+def _chunk(flat, offs, geom, crop, sc, bi, nchw, out2d, first, step, kind):
     bufs = _new_bufs()
     for i in range(first, geom.shape[0], step):
         H, W = geom[i, 0], geom[i, 1]
         src = flat[offs[i] : offs[i] + H * W * 3]
         bufs = _one_image(
             src, H, W, geom[i, 2], geom[i, 3], geom[i, 4], geom[i, 5],
-            crop, sc, bi, nchw, out2d[i], bufs,
+            crop, sc, bi, nchw, out2d[i], bufs, kind,
         )
 
 
 @njit(cache=True, nogil=True)
-def _batch_serial(flat, offs, geom, crop, sc, bi, nchw, out2d):
-    _chunk(flat, offs, geom, crop, sc, bi, nchw, out2d, 0, 1)
+def _batch_serial(flat, offs, geom, crop, sc, bi, nchw, out2d, kind):
+    _chunk(flat, offs, geom, crop, sc, bi, nchw, out2d, 0, 1, kind)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _batch_parallel(flat, offs, geom, crop, sc, bi, nchw, out2d, nchunks):
+def _batch_parallel(flat, offs, geom, crop, sc, bi, nchw, out2d, nchunks, kind):
     # image i goes to chunk i % nchunks: neighbours in a batch land on different threads
     for c in prange(nchunks):
-        _chunk(flat, offs, geom, crop, sc, bi, nchw, out2d, c, nchunks)
+        _chunk(flat, offs, geom, crop, sc, bi, nchw, out2d, c, nchunks, kind)
 
 
 # --------------------------------------------------------------------------------------
@@ -312,8 +349,9 @@ def resize_crop_normalize(
     std: Sequence[float],
     layout: str = "nhwc",
     parallel: bool = True,
+    interpolation: str = "bicubic",
 ) -> None:
-    """Resize (short side -> ``resize``, bicubic, antialiased), center-crop ``crop`` x
+    """Resize (short side -> ``resize``, ``interpolation``, antialiased), center-crop ``crop`` x
     ``crop``, scale to [0, 1] and normalize ``(x - mean) / std`` per channel, writing
     ``out[i]`` for each ``images[i]``.
 
@@ -326,7 +364,10 @@ def resize_crop_normalize(
     parallel: spread the images over numba's threads (``numba.set_num_threads``);
         False runs on the calling thread only (e.g. beside torch's own threads).
 
-    The 8-bit values before normalization equal Pillow's ``Image.resize(..., BICUBIC)``
+    interpolation: Pillow's filter name, one of ``FILTERS`` (box, bilinear, hamming,
+        bicubic, lanczos); torchvision's weights use bilinear, timm's mostly bicubic.
+
+    The 8-bit values before normalization equal Pillow's ``Image.resize(..., filter)``
     followed by the crop; see the module docstring.
     """
     resize = int(resize)
@@ -344,7 +385,8 @@ def resize_crop_normalize(
         rh, rw = resized_size(H, W, resize)
         top, left = crop_offsets(rh, rw, crop)
         geom[i] = (H, W, rh, rw, top, left)
-    _run(imgs, geom, out, crop=crop, mean=mean, std=std, layout=layout, parallel=parallel)
+    _run(imgs, geom, out, crop=crop, mean=mean, std=std, layout=layout, parallel=parallel,
+         interpolation=interpolation)
 
 
 def resized_crop_normalize(
@@ -358,9 +400,10 @@ def resized_crop_normalize(
     flips: Sequence[bool] | None = None,
     layout: str = "nhwc",
     parallel: bool = True,
+    interpolation: str = "bicubic",
 ) -> None:
     """Crop box ``boxes[i] = (top, left, height, width)`` of ``images[i]``, resize it to
-    ``crop`` x ``crop`` (bicubic, antialiased), mirror it left-right where ``flips[i]``,
+    ``crop`` x ``crop`` (``interpolation``, antialiased), mirror it left-right where ``flips[i]``,
     scale to [0, 1] and normalize, writing ``out[i]``: torchvision's ``resized_crop`` on a
     PIL image (``img.crop(box).resize((crop, crop), BICUBIC)``) then ``hflip``, the
     geometry of ``RandomResizedCrop`` + ``RandomHorizontalFlip``. Same kernel as
@@ -386,7 +429,8 @@ def resized_crop_normalize(
                              f"{H} x {W} image (top, left, height, width)")
         imgs.append(im[top:top + h, left:left + w])
         geom[i] = (h, w, crop, crop, 0, 0)  # the box, resized to exactly crop x crop
-    _run(imgs, geom, out, crop=crop, mean=mean, std=std, layout=layout, parallel=parallel)
+    _run(imgs, geom, out, crop=crop, mean=mean, std=std, layout=layout, parallel=parallel,
+         interpolation=interpolation)
     x_axis = 1 if layout == "nhwc" else 2
     for i in range(len(images)) if flips is not None else ():
         if flips[i]:  # after the resize: RandomHorizontalFlip's order
@@ -413,9 +457,14 @@ def _check_out(out: np.ndarray, n: int, crop: int, layout: str) -> None:
 
 
 def _run(imgs: list[np.ndarray], geom: np.ndarray, out: np.ndarray, *, crop: int,
-         mean: Sequence[float], std: Sequence[float], layout: str, parallel: bool) -> None:
+         mean: Sequence[float], std: Sequence[float], layout: str, parallel: bool,
+         interpolation: str = "bicubic") -> None:
     """Pack the images and run the kernel: geom[i] = (H, W, rh, rw, top, left), image i
     resized to rh x rw and the crop x crop window at (top, left) kept."""
+    kind = FILTERS.get(interpolation)
+    if kind is None:
+        raise ValueError(f"The 'interpolation' parameter must be one of "
+                         f"{', '.join(map(repr, FILTERS))}. Got {interpolation!r} instead.")
     mean_a = np.asarray(mean, dtype=np.float64).reshape(-1)
     std_a = np.asarray(std, dtype=np.float64).reshape(-1)
     if mean_a.shape != (3,) or std_a.shape != (3,):
@@ -458,6 +507,6 @@ def _run(imgs: list[np.ndarray], geom: np.ndarray, out: np.ndarray, *, crop: int
 
     if parallel and B > 1:
         nchunks = min(B, numba.get_num_threads())
-        _batch_parallel(flat, offs, geom, crop, sc, bi, nchw, out2d, nchunks)
+        _batch_parallel(flat, offs, geom, crop, sc, bi, nchw, out2d, nchunks, kind)
     else:
-        _batch_serial(flat, offs, geom, crop, sc, bi, nchw, out2d)
+        _batch_serial(flat, offs, geom, crop, sc, bi, nchw, out2d, kind)

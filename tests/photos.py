@@ -103,7 +103,7 @@ def pil_preprocess(img: np.ndarray, pre: Preprocess) -> torch.Tensor:
     w, h = im.size
     s = pre.resize / min(w, h)
     im = im.resize((max(pre.resize, int(w * s)), max(pre.resize, int(h * s))),
-                   Image.Resampling.BICUBIC)
+                   getattr(Image.Resampling, pre.interpolation.upper()))  # the declared filter
     w, h = im.size
     left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
     im = im.crop((left, top, left + pre.crop, top + pre.crop))

@@ -117,8 +117,8 @@ def _preprocessed(m, paths: list[str]) -> np.ndarray:
     """The NCHW batch predict feeds the backbone (the same decode and numba kernels)."""
     pp = m.preprocess
     out = np.zeros((len(paths), pp.crop, pp.crop, 3), np.float32)
-    resize_crop_normalize([load_image(p, pp.resize) for p in paths], out, resize=pp.resize,
-                          crop=pp.crop, mean=pp.mean, std=pp.std, layout="nhwc", parallel=False)
+    resize_crop_normalize([load_image(p, pp.resize) for p in paths], out, layout="nhwc",
+                          parallel=False, **pp.kernel_args())
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 

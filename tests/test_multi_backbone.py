@@ -154,7 +154,8 @@ def test_export_has_one_input_per_part_and_matches_predict(stores, trained, tmp_
         x = np.zeros((len(paths), pp["crop"], pp["crop"], 3), np.float32)
         resize_crop_normalize([load_image(p, pp["resize"]) for p in paths], x,
                               resize=pp["resize"], crop=pp["crop"], mean=tuple(pp["mean"]),
-                              std=tuple(pp["std"]), layout="nhwc", parallel=False)
+                              std=tuple(pp["std"]), interpolation=pp["interpolation"],
+                              layout="nhwc", parallel=False)
         feed[inp["name"]] = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     assert [i.name for i in sess.get_inputs()] == ["image_0", "image_1"]
     (probs,) = sess.run(None, feed)

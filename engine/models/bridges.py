@@ -31,15 +31,16 @@ from torch import nn
 
 from ..errors import (EngineUnavailableError, UnknownModelError,
                       WeightsNotFoundError)
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 from .registry import ModelDef, ModelInfo, Preprocess, list_models
 from .stages import Stage
 from .weights import describe_source, hub_cache_path, load_state_dict_file, load_strict
 
 __all__ = ["model_def", "import_optional"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_INTERP = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest",
+# a model trained on "nearest" resizes (none of timm's or torchvision's ImageNet weights) gets
+# bilinear: the kernel applies Pillow's convolution filters only
+_INTERP = {"bicubic": "bicubic", "bilinear": "bilinear",
            "lanczos": "lanczos", "box": "box", "hamming": "hamming"}
 
 

@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 BRIDGE_PREFIXES = ("timm:", "torchvision:")
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+#: Pillow's resampling filters that the resize kernel applies (``kernels.resize.FILTERS``)
+INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "box", "hamming")
 
 
 def _from_dict(cls: type, d: Any) -> Any:
@@ -100,6 +101,12 @@ class Preprocess:
     def to_dict(self) -> dict:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation}
+
+    def kernel_args(self) -> dict:
+        """Keyword arguments of ``kernels.resize_crop_normalize`` for this preprocessing:
+        every caller passes all of them, the filter included."""
+        return {"resize": self.resize, "crop": self.crop, "mean": self.mean, "std": self.std,
+                "interpolation": self.interpolation}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .imagenet import IMAGENET_PREPROCESS
 from .registry import ModelDef, ModelInfo, fold_batchnorm, register_model
 from .stages import GlobalAvgPool, Stage
-from .vgg import IMAGENET_PREPROCESS
 from .weights import build_torchvision_format, describe_source
 
 __all__ = ["ResNet", "Bottleneck", "RESNET50_URL", "resnet50"]

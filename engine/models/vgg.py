@@ -17,17 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import ModelDef, ModelInfo, Preprocess, register_model
+from .imagenet import IMAGENET_PREPROCESS
+from .registry import ModelDef, ModelInfo, register_model
 from .stages import Stage
 from .weights import build_torchvision_format, describe_source
 
 __all__ = ["VGG", "VGG16_URL", "vgg16"]
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"   # torchvision IMAGENET1K_V1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGENET_PREPROCESS = Preprocess(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                 interpolation="bilinear")
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512,
               "M")
 
