@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import uuid
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -49,7 +50,8 @@ from .errors import DeeptransferError, InvalidParameterError, StoreError
 from .storesafety import (FORMAT, PENDING_ATTR, check_store_target, holder_message,
                           is_temp_key, live_holder, os_error, place, remove_store, write_errors)
 
-ROW_ARRAYS = ("labels", "split", "paths", "ok", "reasons")
+#: a new random id per created store: worker caches tell a recreated store from the old one
+STORE_ID = "store_id"
 #: row arrays written from the manifest when the store is created
 MANIFEST_ARRAYS = ("labels", "split", "paths")
 #: row arrays that tie a view row to its image (stores with train views only)
@@ -629,7 +631,8 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
             group.create_array("reasons", shape=(n,), dtype=str, chunks=rc, **kw)
             group.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,),
                                fill_value=False, **kw)
-            meta = {**dict(attrs), **identity, "format": FORMAT, "classes": list(manifest.classes),
+            meta = {**dict(attrs), **identity, STORE_ID: uuid.uuid4().hex,
+                    "format": FORMAT, "classes": list(manifest.classes),
                     "splits": list(SPLITS), "dataset": manifest.root, "chunk_files": "all",
                     "dataset_warnings": list(manifest.warnings)}
             # attributes last: a store without them is not yet a store, so an interrupted
@@ -679,12 +682,30 @@ def open_store(url: str, *, storage_options: Mapping | None = None, mode: str = 
 def cached_store(url: str, storage_options: Mapping | None = None, mode: str = "r") -> FeatureStore:
     """Open a store once per worker process (tasks of a job share the handle; the one
     worker cache, ``worker_state``, kind ``"store"``). Not checked again: the driver checked
-    it (``open_store``) before it sent any task."""
+    it (``open_store``) before it sent any task.
+
+    A cached handle is used only while the store at ``url`` is the one it opened (its
+    ``store_id``, one small read): the driver may have recreated the store (``overwrite``)
+    since, and only the driver's caches are dropped then, never the workers'."""
     from . import worker_state
 
-    return worker_state.get("store", (url, dict(storage_options or {}), mode),
+    parts = (url, dict(storage_options or {}), mode)
+    st = worker_state.peek("store", parts)
+    if st is not None and st.attrs.get(STORE_ID) != _stored_id(url, storage_options):
+        worker_state.pop("store", parts)
+    return worker_state.get("store", parts,
                             lambda: open_store(url, storage_options=storage_options, mode=mode,
                                                check=False))
+
+
+def _stored_id(url: str, storage_options: Mapping | None) -> str | None:
+    """The ``store_id`` attribute of the store at ``url`` now (None if unreadable or absent)."""
+    try:
+        p = place(url, storage_options)
+        meta = json.loads(p.fs.cat_file(p.join("zarr.json")))
+        return meta.get("attributes", {}).get(STORE_ID)
+    except Exception:  # noqa: BLE001 - unreadable now: the open that follows says why
+        return None
 
 
 def forget_cached_stores() -> None:
