@@ -25,7 +25,7 @@ def make_digits_dataset(root: str | os.PathLike, *, size: int = 32) -> Path:
 
     try:
         from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
+    except ImportError as exc:  # scikit-learn is in the dev extra, which `make demo` installs
         from .errors import EngineUnavailableError
 
         raise EngineUnavailableError("The demo needs scikit-learn: pip install scikit-learn") from exc

@@ -1,4 +1,4 @@
-"""Probe steps for checking an engine: the conformance tests and `deeptransfer doctor` use them.
+"""Probe steps for checking an engine: the shipped engine checks (deeptransfer.testing) use them.
 
 They live in the package (not in tests/) because an engine's worker processes, a
 ``dask worker`` or a Spark executor, import steps by module name.
