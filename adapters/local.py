@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Sequence
 
 from deeptransfer.executor import Executor
+from deeptransfer.adapters.local_transport import Packed, Sender, unlink, unpack
 from deeptransfer.errors import EngineStartError, TaskError, check_int
 from deeptransfer.workerenv import (BOOTSTRAP_EXIT, ENV_LOCK, malloc_environ, preserved_environ,
                                     refuse_start_while_bootstrapping, thread_environ)
@@ -46,6 +47,14 @@ def _worker_main(conn: Connection, threads: int) -> None:
     except ImportError:  # pragma: no cover - torch is a core dependency
         pass
     shared_by_job: dict[int, Any] = {}
+    sender = Sender()  # this worker's results, through shared memory when large
+    try:
+        _serve(conn, shared_by_job, sender)
+    finally:
+        sender.close()
+
+
+def _serve(conn: Connection, shared_by_job: dict[int, Any], sender: Sender) -> None:
     while True:
         try:
             msg = conn.recv()
@@ -56,10 +65,10 @@ def _worker_main(conn: Connection, threads: int) -> None:
         _, job, fn, index, task, has_shared, shared = msg
         if has_shared:
             shared_by_job.clear()  # one job at a time: drop the previous job's broadcast
-            shared_by_job[job] = shared
+            shared_by_job[job] = unpack(shared)
         try:
             result = fn(task, shared_by_job.get(job))
-            conn.send(("ok", index, result))
+            conn.send(("ok", index, sender.pack(result)))
         except BaseException as exc:  # noqa: BLE001 - reported to the driver, not swallowed
             tb = traceback.format_exc()
             try:
@@ -82,6 +91,7 @@ class _Worker:
         self.job_with_shared: int | None = None
         self.busy: int | None = None  # task index in flight
         self.ready = False  # its hand-shake arrived
+        self.segment: str | None = None  # its shared-memory segment for results, once used
 
     def recv(self) -> Any:
         """The next message that is not the hand-shake; None when only that was waiting."""
@@ -122,6 +132,8 @@ class _Worker:
             self.proc.kill()
             self.proc.join(timeout=5)
         self.conn.close()
+        if self.segment is not None:  # a worker that exited cleanly removed it already
+            unlink(self.segment)
 
 
 class LocalExecutor(Executor):
@@ -150,6 +162,7 @@ class LocalExecutor(Executor):
         self._workers: list[_Worker] = []
         self._job = 0
         self._closed = False
+        self._sender = Sender()  # each job's shared value, through shared memory when large
         # started now, like a LocalCluster: the workers import torch while the caller plans
         try:
             self._ensure_started()
@@ -178,6 +191,7 @@ class LocalExecutor(Executor):
         for w in self._workers:
             w.stop()
         self._workers = []
+        self._sender.close()
         self._closed = True
 
     def __repr__(self) -> str:
@@ -211,6 +225,9 @@ class LocalExecutor(Executor):
             (queues[affinity[i] % n] if affinity is not None else common).append(i)
         retries = [0] * len(tasks)
         remaining = len(tasks)
+        # pickled (and, when large, put in shared memory) once for all the workers
+        shared = self._sender.pack(shared)
+        self._sender.busy = True
 
         def feed(w: _Worker) -> None:
             q = queues[w.slot] if queues[w.slot] else common
@@ -263,6 +280,9 @@ class LocalExecutor(Executor):
                         continue
                     kind, i, payload = msg
                     w.busy = None
+                    if isinstance(payload, Packed):
+                        w.segment = payload.name  # to remove if the worker dies
+                        payload = unpack(payload)
                     if kind == "err":
                         exc, tb = payload
                         self._drain()
@@ -285,6 +305,7 @@ class LocalExecutor(Executor):
         finally:
             if remaining:
                 self._drain()
+            self._sender.busy = False
 
     def _drain(self) -> None:
         """Wait out tasks still in flight after an error or an abandoned iterator."""

@@ -130,9 +130,12 @@ def run_child(engine: str, store: str, epochs: int, workers: int, timeout: float
     """``one_run`` in a fresh Python process (its process group is killed on timeout)."""
     from engines import run_group
 
+    env = dict(os.environ)
+    if engine == "local-pipe":  # the local engine with its shared-memory transport off
+        engine, env["DEEPTRANSFER_SHM_MIN_BYTES"] = "local", str(1 << 62)
     cmd = [sys.executable, os.path.abspath(__file__), "--_run", engine, store, str(epochs),
            str(workers), str(int(suffix))]
-    proc = run_group(cmd, dict(os.environ), timeout)
+    proc = run_group(cmd, env, timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"rounds.py run on {engine} failed (rc={proc.returncode}):\n"
                            f"{proc.stderr[-4000:]}")
@@ -157,7 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--engines", default="local,dask,spark")
+    ap.add_argument("--engines", default="local,dask,spark",
+                    help="comma-separated; local-pipe: the local engine sending large values "
+                         "through its pipes instead of shared memory")
     ap.add_argument("--suffix", action="store_true",
                     help="fine-tune efficientnet_lite0's blocks.6 + conv_head on blocks.5 maps "
                          "(192 x 7 x 7): its parameters and optimizer state travel each round")
