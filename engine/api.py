@@ -331,3 +331,32 @@ def load(model_dir: str) -> Any:
     from .artifact import load as _load
 
     return _load(model_dir)
+
+
+def report(model_dir: str, store: str, out: str, *, split: str | None = None,
+           engine: "str | Executor" = "local", workers: int | None = None,
+           engine_options: Mapping[str, Any] | None = None,
+           storage_options: Mapping | None = None, **options: Any) -> Any:
+    """Write one self-contained HTML page about a saved model on a feature store: headline
+    metrics, per-class table, confused pairs, top-loss and low-margin galleries, suspected
+    label errors (out-of-fold refits, one engine task per fold), the training curve, and the
+    search results and learning curve when present. ``options``: the fields of
+    ``deeptransfer.report.ReportOptions`` (``pairs``, ``gallery``, ``folds``, ``search``,
+    ``curve``, ...). Returns the ``ReportData`` the page shows."""
+    refuse_start_while_bootstrapping()  # a job in a script without a __main__ guard
+    from dataclasses import fields
+
+    from .errors import InvalidParameterError
+    from .report import ReportOptions, check_out, write_report
+
+    known = {f.name for f in fields(ReportOptions)} - {"split"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidParameterError(f"Unknown report option {unknown[0]!r}. Options: "
+                                    f"{', '.join(sorted(known))}.")
+    opts = ReportOptions(split=split, **options)
+    opts.check()
+    check_out(out)
+    check_engine(engine, engine_options)
+    with engine_scope(engine, workers, engine_options) as ex:
+        return write_report(ex, model_dir, store, out, opts, storage_options=storage_options)

@@ -684,6 +684,8 @@ COMMANDS = {"featurize": cmd_featurize, "info": cmd_info, "models": cmd_models,
             "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "export": cmd_export, "demo": cmd_demo, "spark-entry": cmd_spark_entry}
 
+from . import cli_report  # noqa: E402,F401 - registers `report` (_EXTRA_COMMANDS)
+
 
 def _command_parser(ap: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:
     for action in ap._actions:  # noqa: SLF001
