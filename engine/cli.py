@@ -420,7 +420,7 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
     t.add_argument("--log", action="append", default=[], metavar="SINK",
                    help="telemetry of every round (repeatable): tensorboard=DIR (event files), "
                         "mlflow (./mlruns, or $MLFLOW_TRACKING_URI) or mlflow=URI; needs the "
-                        "tensorboard / mlflow extra")
+                        "tensorboard / mlflow extra (default: none)")
 
     e = command("evaluate", help="metrics of a trained model on a split of a store")
     e.add_argument("model_dir", help="model directory made by `deeptransfer train`")

@@ -21,7 +21,7 @@ def _add_report(command: Callable[..., argparse.ArgumentParser]) -> None:
                             "and learning curve when present.")
     r.add_argument("model_dir", help="model directory made by `deeptransfer train`")
     r.add_argument("store", help="feature store made with the model's settings")
-    r.add_argument("--out", required=True, metavar="FILE.html",
+    r.add_argument("--out", default="report.html", metavar="FILE.html",
                    help="the page to write (an existing file only if it is a report)")
     r.add_argument("--split", default=None, choices=["train", "val", "test"],
                    help="split to report on (default: test, else val)")
