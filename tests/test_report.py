@@ -220,7 +220,37 @@ def test_user_errors_are_one_line(syn, tmp_path, capsys):
     assert "--folds" in capsys.readouterr().err
 
 
+def test_dt_report_is_the_api_even_once_the_package_is_imported(syn, tmp_path):
+    import deeptransfer.report.data  # noqa: F401 - binds deeptransfer.report to the package
+
+    out = tmp_path / "api.html"
+    data = dt.report(syn.model_dir, syn.store, str(out), workers=0, folds=0, gallery=3)
+    assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert data.label_errors is None and len(data.low_margin) == 3
+    with pytest.raises(dt.InvalidParameterError, match="Unknown report option 'galery'"):
+        dt.report(syn.model_dir, syn.store, str(out), galery=3)
+
+
 def test_a_report_is_rewritten_in_place(syn, page, tmp_path):
     out, _ = page
     assert main(["report", syn.model_dir, syn.store, "--out", out, "--workers", "0",
                  "--folds", "0", "--json"]) == 0
+
+
+def test_the_fold_refits_are_engine_tasks_with_the_same_result_in_worker_processes(syn):
+    """Out-of-fold refits in two spawned worker processes give the in-process probabilities
+    (each refit is a function of its task: seed, fold, the store)."""
+    from deeptransfer.report.data import out_of_fold
+
+    head = {"kind": "softmax"}
+    results = []
+    for n in (0, 2):
+        ex = get_executor("local", {"n_workers": n})
+        try:
+            results.append(out_of_fold(ex, syn.store, head, folds=3, epochs=5, lr=0.01, seed=2))
+        finally:
+            ex.close()
+    (r0, y0, p0), (r2, y2, p2) = results
+    assert np.array_equal(r0, r2) and np.array_equal(y0, y2)
+    assert np.array_equal(p0, p2)
+    assert p0.shape == (len(r0), 6) and np.allclose(p0.sum(axis=1), 1, atol=1e-5)

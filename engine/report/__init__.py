@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any, Mapping
 
 from .data import ReportData, ReportOptions, check_out, collect
@@ -26,3 +28,17 @@ def write_report(executor: Any, model_dir: str, store_url: str, out: str,
     data = collect(executor, model_dir, store_url, options, storage_options=storage_options)
     atomic_write(out, render(data))
     return data
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this package sets ``deeptransfer.report`` to it, over the API function of
+    that name: calling the package is calling the function, so ``dt.report(...)`` works
+    whichever of the two the attribute holds."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from ..api import report
+
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
