@@ -111,6 +111,7 @@ def test_planted_label_errors_are_suspected(syn, data):
     assert data.label_error_count >= len(syn.flipped_rows)
     assert set(syn.flipped_rows) <= set(found)
     assert len(found) == data.label_error_count  # the gallery (10) holds them all here
+    assert data.label_error_rows == found
     # out-of-fold: a flipped row's given label is unlikely, its true class (label - 1) likely
     for it in data.label_errors:
         if it["row"] in syn.flipped_rows:

@@ -86,6 +86,7 @@ class ReportData:
     low_margin: list[dict[str, Any]]
     label_errors: list[dict[str, Any]] | None  # None: not computed (folds=0)
     label_error_count: int  # suspects in all (the gallery shows the first ``gallery``)
+    label_error_rows: list[int]  # every suspect's store row, least likely label first
     oof_accuracy: float | None
     rounds: list[dict[str, Any]]  # {iteration, loss, smoothed, train_accuracy, epoch}
     epochs: list[dict[str, Any]]  # per-epoch validation (from the model's checkpoint history)
@@ -433,7 +434,7 @@ def collect(executor: Executor, model_dir: str, store_url: str,
     margin = srt[:, -1] - (srt[:, -2] if prob.shape[1] > 1 else 0.0)
     low = np.argsort(margin, kind="stable")[:opt.gallery]
 
-    label_errors, n_err, oof_acc = None, 0, None
+    label_errors, n_err, oof_acc, err_rows = None, 0, None, []
     if opt.folds:
         training = model.config.get("training") or {}
         lr = float((training.get("optimizer") or {}).get("lr", 1e-3)) \
@@ -444,6 +445,7 @@ def collect(executor: Executor, model_dir: str, store_url: str,
                                     storage_options=storage_options)
         suspects, _ = confident_errors(tl, oof)
         n_err = int(len(suspects))
+        err_rows = [int(r) for r in rows[suspects]]
         oof_acc = float(np.mean(oof.argmax(1) == tl)) if len(tl) else None
         label_errors = _items(rows, tl, oof, all_paths[rows], suspects[:opt.gallery])
 
@@ -455,7 +457,8 @@ def collect(executor: Executor, model_dir: str, store_url: str,
         headline=head, per_class=m["per_class"], pairs=pairs,
         top_losses=_items(pred.rows, labels, prob, paths, top_loss),
         low_margin=_items(pred.rows, labels, prob, paths, low),
-        label_errors=label_errors, label_error_count=n_err, oof_accuracy=oof_acc,
+        label_errors=label_errors, label_error_count=n_err, label_error_rows=err_rows,
+        oof_accuracy=oof_acc,
         rounds=rounds, epochs=epochs, curve=curve, search=search,
         training=dict(model.config.get("training") or {}))
     path_of = {int(r): str(all_paths[int(r)]) for r in data.gallery_rows()}
