@@ -252,7 +252,7 @@ def train_config(config: Any = None, **options: Any) -> Any:
 def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
           workers: int | None = None, engine_options: Mapping[str, Any] | None = None,
           config: Any = None, storage_options: Mapping | None = None, resume: bool = True,
-          progress: bool = True, **options: Any) -> Any:
+          progress: bool = True, log: Sequence[str] | None = None, **options: Any) -> Any:
     """Train a classifier head on ``store``'s features with parameter averaging.
 
     ``workers`` is both the number of engine processes (when this call starts the engine)
@@ -261,6 +261,8 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     beside the per-round statistics, the training chart and the resumable checkpoint.
     ``model_dir`` must be new, empty or a model directory (see ``deeptransfer.modeldir``).
     A rerun of a finished run trains and writes nothing (``result.reused``).
+    ``log``: telemetry sinks fed with every round's record, ``["tensorboard=DIR"]``,
+    ``["mlflow"]`` or ``["mlflow=URI"]`` (``deeptransfer.training.telemetry``).
     """
     refuse_start_while_bootstrapping()  # a job in a script without a __main__ guard
     from dataclasses import replace
@@ -275,10 +277,16 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
     check_trainable(open_store(store, storage_options=storage_options), cfg)
     # a folder that is not ours, or a run that cannot be resumed, fails before any engine starts
     check_resume(model_dir, store, cfg, storage_options=storage_options, resume=resume)
-    with engine_scope(engine, workers, engine_options) as ex:
+    from .training import telemetry
+
+    specs = telemetry.parse_logs(log)  # a missing extra fails before any engine starts
+    with telemetry.logging(specs, cfg.to_dict(), model_dir, resume=resume) as tel, \
+            engine_scope(engine, workers, engine_options) as ex:
         # the run writes the model too (config.json + head.safetensors)
-        return train_head(ex, store, cfg, model_dir, storage_options=storage_options,
-                          resume=resume, progress=progress)
+        res = train_head(ex, store, cfg, model_dir, storage_options=storage_options,
+                         resume=resume, progress=progress)
+        tel.finish(res.history)
+        return res
 
 
 def evaluate(model_dir: str, store: str, *, split: str = "test",
@@ -331,3 +339,32 @@ def load(model_dir: str) -> Any:
     from .artifact import load as _load
 
     return _load(model_dir)
+
+
+def report(model_dir: str, store: str, out: str, *, split: str | None = None,
+           engine: "str | Executor" = "local", workers: int | None = None,
+           engine_options: Mapping[str, Any] | None = None,
+           storage_options: Mapping | None = None, **options: Any) -> Any:
+    """Write one self-contained HTML page about a saved model on a feature store: headline
+    metrics, per-class table, confused pairs, top-loss and low-margin galleries, suspected
+    label errors (out-of-fold refits, one engine task per fold), the training curve, and the
+    search results and learning curve when present. ``options``: the fields of
+    ``deeptransfer.report.ReportOptions`` (``pairs``, ``gallery``, ``folds``, ``search``,
+    ``curve``, ...). Returns the ``ReportData`` the page shows."""
+    refuse_start_while_bootstrapping()  # a job in a script without a __main__ guard
+    from dataclasses import fields
+
+    from .errors import InvalidParameterError
+    from .report import ReportOptions, check_out, write_report
+
+    known = {f.name for f in fields(ReportOptions)} - {"split"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidParameterError(f"Unknown report option {unknown[0]!r}. Options: "
+                                    f"{', '.join(sorted(known))}.")
+    opts = ReportOptions(split=split, **options)
+    opts.check()
+    check_out(out)
+    check_engine(engine, engine_options)
+    with engine_scope(engine, workers, engine_options) as ex:
+        return write_report(ex, model_dir, store, out, opts, storage_options=storage_options)

@@ -417,6 +417,10 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
     t.add_argument("--no-resume", action="store_true",
                    help="start over instead of resuming the run checkpointed in MODEL_DIR")
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    t.add_argument("--log", action="append", default=[], metavar="SINK",
+                   help="telemetry of every round (repeatable): tensorboard=DIR (event files), "
+                        "mlflow (./mlruns, or $MLFLOW_TRACKING_URI) or mlflow=URI; needs the "
+                        "tensorboard / mlflow extra (default: none)")
 
     e = command("evaluate", help="metrics of a trained model on a split of a store")
     e.add_argument("model_dir", help="model directory made by `deeptransfer train`")
@@ -516,7 +520,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"--hidden takes layer widths like 512,256. Got {args.hidden!r}.") from None
     res = train(args.store, args.model_dir, engine=args.engine, workers=args.workers,
                 engine_options=engine_options, resume=not args.no_resume,
-                progress=not args.json, **opts)
+                progress=not args.json, log=args.log, **opts)
     best = res.best or {}
     summary = {"model_dir": args.model_dir, "rounds": res.rounds, "epochs": len(res.history),
                "stopped_early": res.stopped_early, "best_epoch": best.get("epoch"),
@@ -683,6 +687,8 @@ def cmd_spark_entry(args: argparse.Namespace) -> int:
 COMMANDS = {"featurize": cmd_featurize, "info": cmd_info, "models": cmd_models,
             "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "export": cmd_export, "demo": cmd_demo, "spark-entry": cmd_spark_entry}
+
+from . import cli_report  # noqa: E402,F401 - registers `report` (_EXTRA_COMMANDS)
 
 
 def _command_parser(ap: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:

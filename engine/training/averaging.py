@@ -21,6 +21,7 @@ seeded by (seed, epoch, round, worker): the same seed gives the same head on eve
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from .shards import ShardTask, load_round
 from .trainable import SUFFIX, SuffixSpec, worker_module
 
 __all__ = ["RoundState", "ShardResult", "ShardTask", "fit_shard", "combine", "average",
-           "round_seed", "one_torch_thread"]
+           "round_seed", "one_torch_thread", "round_stats"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class ShardResult:
     compute_s: float = 0.0  # slowest worker's time in fit_shard
     compute_s_sum: float = 0.0  # all workers' time together
     workers: tuple[int, ...] = field(default_factory=tuple)  # partitions that contributed
+    # telemetry (see the block at the end): per parameter, the sum over workers of the
+    # squared norm of its values, for the cross-worker divergence before averaging
+    sq_norms: dict[str, float] = field(default_factory=dict)
 
 
 def round_seed(seed: int, epoch: int, rnd: int, worker: int) -> int:
@@ -156,7 +160,8 @@ def fit_shard(task: ShardTask, shared: RoundState) -> ShardResult:
     dt = time.perf_counter() - t0
     return ShardResult(params=params, opt_state=opt_state, dtypes=dtypes, n_workers=1,
                        examples=int(len(y)), loss_sum=loss_sum, correct=correct, steps=steps,
-                       compute_s=dt, compute_s_sum=dt, workers=(task.part,))
+                       compute_s=dt, compute_s_sum=dt, workers=(task.part,),
+                       sq_norms=sq_norms(params))
 
 
 def _bn_eval(head: torch.nn.Module, on: bool) -> None:
@@ -189,6 +194,7 @@ def combine(a: ShardResult, b: ShardResult) -> ShardResult:
         compute_s=max(a.compute_s, b.compute_s),
         compute_s_sum=a.compute_s_sum + b.compute_s_sum,
         workers=tuple(sorted(a.workers + b.workers)),
+        sq_norms=_add_sq_norms(a.sq_norms, b.sq_norms),
     )
 
 
@@ -208,3 +214,42 @@ def average(result: ShardResult) -> tuple["OrderedDict[str, np.ndarray]", "Order
     if result.opt_state is not None:
         state = OrderedDict((k, (v / n).astype(np.float32)) for k, v in result.opt_state.items())
     return params, state
+
+
+# -- telemetry statistics (train --log): read-only views of a round, the averaging unchanged --
+
+def sq_norms(params: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Squared L2 norm of each floating-point parameter (float64)."""
+    return {k: float(np.square(v, dtype=np.float64).sum()) for k, v in params.items()
+            if np.asarray(v).dtype.kind == "f"}
+
+
+def _add_sq_norms(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
+    return {k: a[k] + b[k] for k in a if k in b}
+
+
+def round_stats(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray],
+                result: ShardResult) -> dict[str, dict[str, float]]:
+    """Per parameter tensor of one round:
+
+    - ``update_ratio``: mean |after - before| / mean |before| (DL4J's update:parameter
+      ratio; healthy training sits near 1e-3);
+    - ``divergence``: the workers' RMS distance from their mean before averaging, over the
+      mean's norm: sqrt(mean_w ||p_w||^2 - ||mean_w p_w||^2) / ||mean_w p_w|| (0 with one
+      worker), from the float64 sums the reduction carries.
+    """
+    n = float(result.n_workers)
+    ratio, div = {}, {}
+    for k, old in before.items():
+        old = np.asarray(old)
+        if old.dtype.kind != "f" or k not in after:
+            continue
+        new = np.asarray(after[k], dtype=np.float64)
+        scale = float(np.abs(old).mean()) if old.size else 0.0
+        ratio[k] = float(np.abs(new - old).mean()) / scale if scale > 0 else 0.0
+        if k in result.sq_norms and k in result.params:
+            mean = np.asarray(result.params[k], dtype=np.float64) / n
+            mean_sq = float(np.square(mean).sum())
+            spread = max(result.sq_norms[k] / n - mean_sq, 0.0)
+            div[k] = math.sqrt(spread) / math.sqrt(mean_sq) if mean_sq > 0 else 0.0
+    return {"update_ratio": ratio, "divergence": div}

@@ -31,6 +31,7 @@ from ..executor import Executor
 from ..modeldir import CHECKPOINT, check_model_dir
 from ..store import open_store
 from . import checkpoint as ck
+from . import telemetry
 from .averaging import RoundState, ShardResult, average, combine, fit_shard
 from .checkpoint import STATE_KEYS, CheckpointWriter, RunDir
 from .heads import balanced_class_weights, head_params
@@ -247,6 +248,7 @@ class TrainRun:
             "round_seconds": round_s, "overhead_seconds": max(round_s - res.compute_s, 0.0),
         }
         self.dir.append_line(ROUNDS, jsonutil.dumps(record))
+        telemetry.on_round(self, plan, res, record)  # train --log: the same record
         st.round += 1
         st.global_round += 1
         st.iteration = record["iteration"]
