@@ -683,6 +683,7 @@ def cmd_spark_entry(args: argparse.Namespace) -> int:
 COMMANDS = {"featurize": cmd_featurize, "info": cmd_info, "models": cmd_models,
             "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "export": cmd_export, "demo": cmd_demo, "spark-entry": cmd_spark_entry}
+from . import cli_selection  # noqa: E402,F401  (registers search and curve)
 
 
 def _command_parser(ap: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:
