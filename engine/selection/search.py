@@ -182,6 +182,7 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
                                        for i in specs}
     states: dict[int, Any] = {}
     alive = sorted(specs)
+    rung_log: list[dict[str, Any]] = []
     for k in range(K):
         last = k == K - 1
         tasks: list[Any] = []
@@ -207,7 +208,9 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
                                    states=None if all(s is None for s in st) else st,
                                    return_state=not last, cache_bytes=base.cache_bytes))
         scores: dict[int, Any] = {}
+        t_rung, task_s = time.perf_counter(), 0.0
         for _, res in _run(executor, tasks, progress, f"rung {k + 1}/{K}"):
+            task_s += res.seconds
             share = res.seconds / max(len(res.trials), 1)
             for j, i in enumerate(res.trials):
                 sc = res.scores[j]
@@ -222,10 +225,14 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
                 scores[i] = None if res.diverged[j] else score
                 if res.states is not None:
                     states[i] = res.states[j]
+        rung_log.append({"rung": k, "trials": len(alive), "tasks": len(tasks),
+                         "epochs": sorted({targets[i][k] for i in alive}),
+                         "seconds": time.perf_counter() - t_rung, "task_seconds": task_s})
         if progress:
             best_now = max((s for s in scores.values() if s is not None), default=None)
-            print(f"search: rung {k + 1}/{K}: {len(alive)} trials to "
-                  f"{sorted({targets[i][k] for i in alive})} epochs, best val {metric} "
+            print(f"search: rung {k + 1}/{K}: {len(alive)} trials in {len(tasks)} tasks to "
+                  f"{rung_log[-1]['epochs']} epochs in {rung_log[-1]['seconds']:.1f} s (tasks "
+                  f"{task_s:.1f} s), best val {metric} "
                   f"{'n/a' if best_now is None else f'{best_now:.4f}'}", file=sys.stderr)
         if not last:
             alive = promote(scores, eta)
@@ -249,7 +256,7 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
                "sampler": sampler, "seed": seed, "halving": {"on": halving, "eta": eta,
                                                               "rungs": K},
                "metric": metric, "space": space.to_dict(), "search_seconds": seconds,
-               "best": best, "model_dir": out_dir}
+               "rungs": rung_log, "best": best, "model_dir": out_dir}
     train_result = None
     if retrain:
         if progress:

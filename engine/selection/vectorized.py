@@ -150,7 +150,8 @@ class Stack:
             T, O, D = w.shape
             y = (x @ w.reshape(T * O, D).t()).reshape(x.shape[0], T, O).transpose(0, 1)
             return y + b.unsqueeze(1)
-        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        # (T, O, D) @ (T, D, B): the weight's gradient comes out in the weight's own layout
+        return torch.baddbmm(b.unsqueeze(2), w, x.transpose(1, 2)).transpose(1, 2)
 
     def _dropout(self, x: torch.Tensor, p: torch.Tensor, gens: Sequence[torch.Generator] | None
                  ) -> torch.Tensor:
@@ -158,10 +159,12 @@ class Stack:
             return x
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.T, *x.shape)
-        keep = torch.ones_like(x)
+        keep = torch.empty(x.shape, dtype=x.dtype)
         for i, pi in enumerate(p.tolist()):
             if pi > 0:  # SeededDropout's draw, from the trial's own generator
-                keep[i] = torch.empty_like(x[i]).bernoulli_(1.0 - pi, generator=gens[i])
+                keep[i].bernoulli_(1.0 - pi, generator=gens[i])
+            else:
+                keep[i].fill_(1.0)
         return x * keep / (1.0 - p).view(-1, 1, 1)
 
     def _batch_norm(self, x: torch.Tensor, name: str, train: bool) -> torch.Tensor:
@@ -208,12 +211,17 @@ class Stack:
     # -- update -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, lr: torch.Tensor) -> None:
-        """One update of every trial (``lr``: (T,)), torch's single-tensor rules."""
+        """One update of every trial (``lr``: (T,)), torch's single-tensor rules.
+
+        The work per step is that of T separate updates (every trial has its own
+        parameters); what the stack saves is everything per step that is not arithmetic, so
+        the ops are fused where torch has a fused op (``addcmul_``, ``addcdiv_``)."""
+        any_wd = bool((self.wd > 0).any())
         for k, p in self.params:
             g = p.grad
             shape = (self.T,) + (1,) * (p.dim() - 1)
-            if p.dim() >= 3:  # a weight of each trial (2+ dims): L2 as training.optim applies it
-                g = g + self.wd.view(shape) * p
+            if p.dim() >= 3 and any_wd:  # a weight of each trial: L2, as training.optim does
+                g.addcmul_(self.wd.view(shape), p)  # in place: the gradient is not kept
             if self.adam:
                 b1, b2 = self.betas
                 ea, eas = self.state[f"{k}.exp_avg"], self.state[f"{k}.exp_avg_sq"]
@@ -222,19 +230,22 @@ class Stack:
                 ea.lerp_(g, 1 - b1)
                 eas.mul_(b2).addcmul_(g, g, value=1 - b2)
                 s = step.double()
-                bc1 = 1 - b1 ** s
-                bc2_sqrt = (1 - b2 ** s).sqrt()
-                step_size = (lr.double() / bc1).float().view(shape)
-                denom = (eas.sqrt() / bc2_sqrt.float().view(shape)).add_(self.eps)
-                p.sub_(step_size * (ea / denom))
+                bc2_sqrt = (1 - b2 ** s).sqrt().float().view(shape)
+                step_size = (lr.double() / (1 - b1 ** s)).float().view(shape)
+                denom = eas.sqrt().div_(bc2_sqrt).add_(self.eps)
+                p.addcdiv_(ea.mul(step_size), denom, value=-1.0)
             else:
                 if self.has_momentum:
                     buf = self.state[f"{k}.momentum_buffer"]
                     m = self.momentum.view(shape)
                     buf.mul_(m).add_(g)
-                    nes = self.nesterov.view(shape)
-                    g = torch.where(nes, g + m * buf, buf)
-                p.sub_(lr.view(shape) * g)
+                    if bool(self.nesterov.all()):
+                        g = g.addcmul_(m, buf)
+                    elif bool(self.nesterov.any()):
+                        g = torch.where(self.nesterov.view(shape), g + m * buf, buf)
+                    else:
+                        g = buf
+                p.addcmul_(g, lr.view(shape), value=-1.0)
             p.grad = None
 
     def trial_state(self, i: int) -> tuple["OrderedDict[str, np.ndarray]", "OrderedDict[str, np.ndarray]"]:
@@ -302,9 +313,8 @@ def accuracy_scores(logits: torch.Tensor, y: np.ndarray, n_classes: int) -> list
     out = []
     yy = np.asarray(y)
     for t in range(pred.shape[0]):
-        p = pred[t] if yy.ndim == 1 else pred[t]
-        yt = yy if yy.ndim == 1 else yy[t]
-        right = p == yt
+        yt = yy if yy.ndim == 1 else yy[t]  # (n,) for all trials, or each trial's own rows
+        right = pred[t] == yt
         support = np.bincount(yt, minlength=n_classes)
         hits = np.bincount(yt, weights=right, minlength=n_classes)
         present = support > 0
