@@ -340,7 +340,7 @@ def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
            seed: int = 0, max_group: int = 64, engine: "str | Executor" = "local",
            workers: int | None = None, engine_options: Mapping[str, Any] | None = None,
            storage_options: Mapping | None = None, progress: bool = True,
-           config: Any = None, **options: Any) -> Any:
+           baseline: bool = True, config: Any = None, **options: Any) -> Any:
     """Search heads and hyper-parameters on ``store``'s features; retrain the best into ``out``.
 
     ``space``: a dict or the path of a JSON/YAML file (``selection.space``; default: head
@@ -352,7 +352,8 @@ def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
     ``best_config.json``. ``options``: the training options the trials start from
     (``train_config``: batch size, patience, averaging of the retraining). ``seed`` seeds
     the sampling and every trial's initialization, data order and dropout (and the
-    retraining's).
+    retraining's). ``baseline``: trial 0 is the head ``train`` would train with these
+    options (random sampling), so the results show what the search gained over it.
     """
     refuse_start_while_bootstrapping()
     from .selection.search import check_search_options, check_search_out, plan_trials, run_search
@@ -371,12 +372,12 @@ def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
     check_search_out(out, store)  # a folder that is not ours: refused before any engine starts
     st = open_store(store, storage_options=storage_options)
     check_trainable(st, base)
-    plan_trials(st, sp, base, trials=trials, sampler=sampler, seed=seed)
+    plan_trials(st, sp, base, trials=trials, sampler=sampler, seed=seed, baseline=baseline)
     with engine_scope(engine, workers, engine_options) as ex:
         return run_search(ex, store, out, trials=trials, space=sp, sampler=sampler,
                           halving=halving, eta=eta, metric=metric, seed=seed, base=base,
                           max_group=max_group, storage_options=storage_options,
-                          progress=progress)
+                          progress=progress, baseline=baseline)
 
 
 def curve(store: str, out: str, *, sizes: Sequence[int] | None = None,

@@ -65,6 +65,9 @@ def _add_search(command: Callable[..., argparse.ArgumentParser]) -> None:
                    help="random draws (seeded) or the grid of the choices")
     s.add_argument("--epochs", type=_int_type(1), default=None, metavar="N",
                    help="every trial's budget in epochs (the space's 'epochs' otherwise)")
+    s.add_argument("--no-baseline", action="store_true",
+                   help="random sampling: do not make trial 0 the head `train` would train "
+                        "with these options (by default it is, to measure the search against)")
     s.add_argument("--no-halving", action="store_true",
                    help="train every trial its whole budget (no successive halving)")
     s.add_argument("--eta", type=_int_type(2), default=3,
@@ -101,7 +104,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     res = search(args.store, args.out, trials=trials, space=space, sampler=args.sampler,
                  halving=not args.no_halving, eta=args.eta, metric=args.metric, seed=args.seed,
                  max_group=args.max_group, engine=args.engine, workers=args.workers,
-                 engine_options=engine_options, progress=not args.json, **opts)
+                 engine_options=engine_options, progress=not args.json,
+                 baseline=not args.no_baseline, **opts)
     best = res.best
     summary = {"out": args.out, "trials": len(res.results), "rungs": res.rungs,
                "search_seconds": res.seconds, "best_trial": best["trial"],

@@ -280,7 +280,7 @@ def test_search_halves_ranks_and_retrains_the_best(blobs, tmp_path):
     assert data["format"] == "deeptransfer.search/1" and len(data["results"]) == 12
     assert data["best"]["trial"] == res.best["trial"]
     lines = (out / RESULTS_CSV).read_text().splitlines()
-    assert len(lines) == 13 and lines[0].startswith("trial,rank,param_head")
+    assert len(lines) == 13 and lines[0].startswith("trial,rank,baseline,param_head")
     best_cfg = _strict_json((out / "best_config.json").read_text())
     assert best_cfg["head"] == res.best["train_config"]["head"]
     # the best trial's configuration, trained again with parameter averaging on 2 workers
@@ -288,6 +288,22 @@ def test_search_halves_ranks_and_retrains_the_best(blobs, tmp_path):
     assert tr.config.workers == 2 and tr.config.head == trial_train_config(
         res.best["params"], TrainConfig(batch_size_per_worker=8)).head
     assert (out / "checkpoint.safetensors").exists() and (out / "rounds.jsonl").exists()
+
+
+def test_trial_0_is_the_head_train_would_train(blobs, tmp_path):
+    base = TrainConfig(batch_size_per_worker=8)
+    res = run_search(SerialExecutor(1), blobs, str(tmp_path / "s"), trials=4, space=SPACE,
+                     base=base, progress=False, retrain=False, halving=False)
+    rows = {r["trial"]: r for r in res.results}
+    assert rows[0]["baseline"] and not any(rows[i]["baseline"] for i in (1, 2, 3))
+    cfg = trial_train_config({k[6:]: v for k, v in rows[0].items() if k.startswith("param_")},
+                             base)
+    assert cfg.head == base.head and cfg.optimizer == base.optimizer
+    assert cfg.epochs == SPACE["epochs"]  # the space's fixed budget applies to it too
+    off = run_search(SerialExecutor(1), blobs, str(tmp_path / "t"), trials=4, space=SPACE,
+                     base=base, progress=False, retrain=False, halving=False, baseline=False)
+    assert not any(r["baseline"] for r in off.results)
+    assert off.results[0]["param_lr"] != rows[0]["param_lr"]
 
 
 def test_search_results_do_not_depend_on_the_order_tasks_finish(blobs, tmp_path):

@@ -34,7 +34,7 @@ from ..errors import InvalidParameterError, StoreError, check_choice, check_int
 from ..executor import Executor
 from ..files import atomic_write
 from .halving import n_rungs, promote, ranks, rung_epochs
-from .space import OPTIONS, SearchSpace, trial_train_config
+from .space import OPTIONS, SearchSpace, baseline_params, trial_train_config
 from .single import SingleTask, train_single
 from .vectorized import GroupTask, TrialSpec, structure_key, train_group
 
@@ -89,12 +89,23 @@ def check_search_out(out_dir: str, store_url: str) -> None:
 
 
 def plan_trials(store: Any, space: SearchSpace, base: Any, *, trials: int | None, sampler: str,
-                seed: int) -> list[tuple[dict[str, Any], Any]]:
-    """The trials' options and TrainConfigs, checked against the store (before any engine)."""
+                seed: int, baseline: bool = True) -> list[tuple[dict[str, Any], Any]]:
+    """The trials' options and TrainConfigs, checked against the store (before any engine).
+
+    With ``baseline`` (random sampling), trial 0 is ``base``'s own head and options (what
+    ``train`` would train: ``space.baseline_params``), so the search is measured against it
+    and the best trial is at least as good on validation; the others are drawn."""
     from ..training.trainable import SuffixSpec
 
+    params = []
+    first = baseline_params(base, space) if baseline and sampler == "random" else None
+    if first is not None:
+        params.append(first)
+    if trials is None or trials > len(params):
+        params += space.sample(None if trials is None else trials - len(params), seed=seed,
+                               method=sampler)
     out = []
-    for p in space.sample(trials, seed=seed, method=sampler):
+    for p in params:
         cfg = trial_train_config(p, base)
         SuffixSpec.from_store(store.attrs, cfg.train_from)  # a train_from that does not fit
         out.append((p, cfg))
@@ -137,7 +148,7 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
                space: Any = None, sampler: str = "random", halving: bool = True, eta: int = 3,
                metric: str = "top1", seed: int = 0, base: Any = None, max_group: int = 64,
                storage_options: Mapping | None = None, retrain: bool = True,
-               progress: bool = True) -> SearchResult:
+               progress: bool = True, baseline: bool = True) -> SearchResult:
     """Search heads on ``store_url``'s features on ``executor`` (see the module docstring).
 
     ``base``: the TrainConfig (or dict) the trials start from (batch size, seed, patience
@@ -160,7 +171,10 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
         raise StoreError(f"The feature store {store_url!r} has no validation rows, which the "
                          f"search scores trials on: featurize with a val part (e.g. --split "
                          f"train=0.7,val=0.1,test=0.2 or --per-class-val 5).")
-    planned = plan_trials(store, space, base, trials=trials, sampler=sampler, seed=seed)
+    planned = plan_trials(store, space, base, trials=trials, sampler=sampler, seed=seed,
+                          baseline=baseline)
+    n_baseline = int(baseline and sampler == "random"
+                     and baseline_params(base, space) is not None)
     key = store_key(store.attrs)
     opts = dict(storage_options or {})
     n_classes, in_dim = len(store.classes), store.feature_dim
@@ -242,7 +256,8 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
     final = [(i, len(r["rungs"]) - 1, None if r["diverged"] else r["rungs"][-1]["val_score"])
              for i, r in rows.items()]
     rank = ranks(final)
-    results = [_row(i, planned[i][0], rows[i], rank[i], K) for i in sorted(rows)]
+    results = [_row(i, planned[i][0], rows[i], rank[i], K, baseline=i < n_baseline)
+               for i in sorted(rows)]
     best_id = min(rank, key=rank.get)
     if rows[best_id]["diverged"]:
         raise InvalidParameterError(
@@ -253,6 +268,7 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
             "val_score": rows[best_id]["rungs"][-1]["val_score"], "metric": metric,
             "train_config": best_cfg.to_dict()}
     summary = {"format": SEARCH_FORMAT, "store": store_url, "trials": len(planned),
+               "baseline_trial": 0 if n_baseline else None,
                "sampler": sampler, "seed": seed, "halving": {"on": halving, "eta": eta,
                                                               "rungs": K},
                "metric": metric, "space": space.to_dict(), "search_seconds": seconds,
@@ -296,10 +312,10 @@ def _run(executor: Executor, tasks: Sequence[Any], progress: bool, desc: str):
             bar.close()
 
 
-def _row(i: int, params: Mapping[str, Any], r: Mapping[str, Any], rank: int, K: int
-         ) -> dict[str, Any]:
+def _row(i: int, params: Mapping[str, Any], r: Mapping[str, Any], rank: int, K: int, *,
+         baseline: bool = False) -> dict[str, Any]:
     last = r["rungs"][-1]
-    row: dict[str, Any] = {"trial": i, "rank": rank}
+    row: dict[str, Any] = {"trial": i, "rank": rank, "baseline": baseline}
     row.update({f"param_{k}": params.get(k) for k in OPTIONS})
     row.update({"val_score": None if r["diverged"] else last["val_score"],
                 "val_top1": last["val_top1"], "val_mean_per_class": last["val_mean_per_class"],

@@ -209,6 +209,28 @@ def _normalized(t: dict[str, Any]) -> dict[str, Any]:
     return t
 
 
+def baseline_params(base: Any, space: SearchSpace) -> dict[str, Any] | None:
+    """The options of ``base`` (a TrainConfig: ``train``'s defaults unless given) as a trial
+    of ``space`` -- the head one would train without searching -- or None when it is not one
+    the space can express (several hidden layers). The space's fixed values of ``epochs``
+    and ``train_from`` apply, as to every trial."""
+    from ..training import TrainConfig
+
+    base = TrainConfig() if base is None else TrainConfig.from_dict(base)
+    h, o = base.head, base.optimizer
+    if len(h.hidden) > 1:
+        return None
+    linear = h.kind == "softmax"
+    fixed = {k: v for k, v in space.options.items() if not isinstance(v, (list, Mapping))}
+    return _normalized({
+        "head": "linear" if linear else "mlp", "hidden": None if linear else h.hidden[0],
+        "dropout": h.input_dropout if linear else h.dropout, "input_dropout": h.input_dropout,
+        "batch_norm": h.batch_norm, "optimizer": o.name, "lr": o.lr, "momentum": o.momentum,
+        "weight_decay": o.weight_decay, "label_smoothing": base.label_smoothing,
+        "schedule": o.schedule, "epochs": fixed.get("epochs", base.epochs),
+        "train_from": fixed.get("train_from", "head")})
+
+
 def trial_train_config(params: Mapping[str, Any], base: Any = None) -> Any:
     """The ``TrainConfig`` of a trial: ``base`` (a TrainConfig; default the default) with the
     trial's head, optimizer and training options in place."""
