@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--metric", default="mean_per_class", choices=["top1", "mean_per_class"],
                     help="validation score that ranks the trials (the target is mean per-class)")
+    ap.add_argument("--max-rungs", type=int, default=4, help="successive halving's rungs, at most")
     ap.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         s = run_search(ex, args.store, os.path.join(out, "search"), trials=args.trials,
                        space=space, seed=args.seed, metric=args.metric,
+                       max_rungs=args.max_rungs,
                        base=TrainConfig(seed=args.seed, patience=None), progress=False)
         res["search_and_retrain_s"] = time.perf_counter() - t
         res["search_s"] = s.seconds

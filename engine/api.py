@@ -340,7 +340,8 @@ def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
            seed: int = 0, max_group: int = 64, engine: "str | Executor" = "local",
            workers: int | None = None, engine_options: Mapping[str, Any] | None = None,
            storage_options: Mapping | None = None, progress: bool = True,
-           baseline: bool = True, config: Any = None, **options: Any) -> Any:
+           baseline: bool = True, max_rungs: int = 4, config: Any = None,
+           **options: Any) -> Any:
     """Search heads and hyper-parameters on ``store``'s features; retrain the best into ``out``.
 
     ``space``: a dict or the path of a JSON/YAML file (``selection.space``; default: head
@@ -377,7 +378,7 @@ def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
         return run_search(ex, store, out, trials=trials, space=sp, sampler=sampler,
                           halving=halving, eta=eta, metric=metric, seed=seed, base=base,
                           max_group=max_group, storage_options=storage_options,
-                          progress=progress, baseline=baseline)
+                          progress=progress, baseline=baseline, max_rungs=max_rungs)
 
 
 def curve(store: str, out: str, *, sizes: Sequence[int] | None = None,

@@ -64,7 +64,7 @@ def _add_search(command: Callable[..., argparse.ArgumentParser]) -> None:
     s.add_argument("--sampler", default="random", choices=["random", "grid"],
                    help="random draws (seeded) or the grid of the choices")
     s.add_argument("--epochs", type=_int_type(1), default=None, metavar="N",
-                   help="every trial's budget in epochs (the space's 'epochs' otherwise)")
+                   help="every trial's budget in epochs (default: the space's 'epochs', 10)")
     s.add_argument("--no-baseline", action="store_true",
                    help="random sampling: do not make trial 0 the head `train` would train "
                         "with these options (by default it is, to measure the search against)")
@@ -72,6 +72,9 @@ def _add_search(command: Callable[..., argparse.ArgumentParser]) -> None:
                    help="train every trial its whole budget (no successive halving)")
     s.add_argument("--eta", type=_int_type(2), default=3,
                    help="successive halving: keep the best 1/eta trials after each rung")
+    s.add_argument("--max-rungs", type=_int_type(1), default=4, metavar="K",
+                   help="successive halving: at most K rungs (1 + log_eta(trials) otherwise); "
+                        "fewer rungs make the first one longer")
     s.add_argument("--metric", default="top1", choices=["top1", "mean_per_class"],
                    help="validation score that ranks the trials")
     s.add_argument("--max-group", type=_int_type(1), default=64, metavar="N",
@@ -105,7 +108,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                  halving=not args.no_halving, eta=args.eta, metric=args.metric, seed=args.seed,
                  max_group=args.max_group, engine=args.engine, workers=args.workers,
                  engine_options=engine_options, progress=not args.json,
-                 baseline=not args.no_baseline, **opts)
+                 baseline=not args.no_baseline, max_rungs=args.max_rungs, **opts)
     best = res.best
     summary = {"out": args.out, "trials": len(res.results), "rungs": res.rungs,
                "search_seconds": res.seconds, "best_trial": best["trial"],
@@ -138,9 +141,11 @@ def _add_curve(command: Callable[..., argparse.ArgumentParser]) -> None:
                                "an earlier curve's)")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--sizes", default=None, metavar="N,N,...",
-                   help="training images per class, e.g. 5,10,20,30")
+                   help="training images per class, e.g. 5,10,20,30 (default: none; give "
+                        "--sizes or --fractions)")
     g.add_argument("--fractions", default=None, metavar="F,F,...",
-                   help="fractions of each class's training images, e.g. 0.1,0.5,1")
+                   help="fractions of each class's training images, e.g. 0.1,0.5,1 "
+                        "(default: none)")
     c.add_argument("--repeats", type=_int_type(1), default=3, metavar="R",
                    help="seeded subsets per size (the spread is over these)")
     c.add_argument("--subset-seed", type=_int_type(0), default=0, metavar="SEED",

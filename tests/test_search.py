@@ -303,6 +303,9 @@ def test_trial_0_is_the_head_train_would_train(blobs, tmp_path):
     off = run_search(SerialExecutor(1), blobs, str(tmp_path / "t"), trials=4, space=SPACE,
                      base=base, progress=False, retrain=False, halving=False, baseline=False)
     assert not any(r["baseline"] for r in off.results)
+    two = run_search(SerialExecutor(1), blobs, str(tmp_path / "u"), trials=9, space=SPACE,
+                     base=base, progress=False, retrain=False, max_rungs=2)
+    assert two.rungs == 2 and {r["rung0_epochs"] for r in two.results} == {2}
     assert off.results[0]["param_lr"] != rows[0]["param_lr"]
 
 

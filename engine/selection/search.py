@@ -148,7 +148,8 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
                space: Any = None, sampler: str = "random", halving: bool = True, eta: int = 3,
                metric: str = "top1", seed: int = 0, base: Any = None, max_group: int = 64,
                storage_options: Mapping | None = None, retrain: bool = True,
-               progress: bool = True, baseline: bool = True) -> SearchResult:
+               progress: bool = True, baseline: bool = True, max_rungs: int = 4
+               ) -> SearchResult:
     """Search heads on ``store_url``'s features on ``executor`` (see the module docstring).
 
     ``base``: the TrainConfig (or dict) the trials start from (batch size, seed, patience
@@ -180,7 +181,8 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
     n_classes, in_dim = len(store.classes), store.feature_dim
     if store.maps:
         in_dim = int(store.feature_shape[0])  # trials on the head alone see the pooled maps
-    K = n_rungs(len(planned), eta) if halving else 1
+    check_int("max_rungs", max_rungs, low=1, where="search")
+    K = n_rungs(len(planned), eta, max_rungs) if halving else 1
     t_start = time.perf_counter()
 
     specs: dict[int, TrialSpec] = {}
