@@ -69,3 +69,32 @@ def test_spark(reference, blobs, tmp_path):
 
     with SparkExecutor(2) as ex:
         _same(reference, ex, blobs, tmp_path)
+
+
+class _KillAfterFirstResult:
+    """The engine, with one of its worker processes killed once the first task of the search
+    has come back (other tasks are running or queued then)."""
+
+    def __init__(self, ex):
+        self.ex, self.killed = ex, False
+        self.n_workers = ex.n_workers
+
+    def map_unordered(self, fn, tasks, **kw):
+        for item in self.ex.map_unordered(fn, tasks, **kw):
+            if not self.killed:
+                import signal
+
+                self.killed = True
+                os.kill(self.ex.worker_pids()[-1], signal.SIGKILL)
+            yield item
+
+
+def test_a_worker_killed_during_the_search_changes_nothing(reference, blobs, tmp_path):
+    from deeptransfer.adapters.local import LocalExecutor
+
+    with LocalExecutor(2) as ex:
+        killing = _KillAfterFirstResult(ex)
+        res = run_search(killing, blobs, str(tmp_path / "s"), **KW)
+        assert killing.killed
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]  # noqa: E731
+    assert strip(res.results) == strip(reference[0].results)
