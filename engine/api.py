@@ -368,3 +368,75 @@ def report(model_dir: str, store: str, out: str, *, split: str | None = None,
     check_engine(engine, engine_options)
     with engine_scope(engine, workers, engine_options) as ex:
         return write_report(ex, model_dir, store, out, opts, storage_options=storage_options)
+# -- choosing the model: head search and learning curves (engine/selection) --------------------
+
+def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
+           sampler: str = "random", halving: bool = True, eta: int = 3, metric: str = "top1",
+           seed: int = 0, max_group: int = 64, engine: "str | Executor" = "local",
+           workers: int | None = None, engine_options: Mapping[str, Any] | None = None,
+           storage_options: Mapping | None = None, progress: bool = True,
+           baseline: bool = True, max_rungs: int = 4, config: Any = None,
+           **options: Any) -> Any:
+    """Search heads and hyper-parameters on ``store``'s features; retrain the best into ``out``.
+
+    ``space``: a dict or the path of a JSON/YAML file (``selection.space``; default: head
+    kind and width, dropout, batch norm, optimizer, lr, weight decay, label smoothing).
+    ``trials`` are drawn by ``sampler`` ("random" or "grid"), trained many at once per engine
+    task (stacked heads), halved on the validation ``metric`` every rung (``halving``,
+    ``eta``), and the best is trained again with parameter averaging into ``out``, a model
+    directory (``deeptransfer.load(out)``), beside ``search_results.csv`` / ``.json`` and
+    ``best_config.json``. ``options``: the training options the trials start from
+    (``train_config``: batch size, patience, averaging of the retraining). ``seed`` seeds
+    the sampling and every trial's initialization, data order and dropout (and the
+    retraining's). ``baseline``: trial 0 is the head ``train`` would train with these
+    options (random sampling), so the results show what the search gained over it.
+    """
+    refuse_start_while_bootstrapping()
+    from .selection.search import check_search_options, check_search_out, plan_trials, run_search
+    from .selection.space import SearchSpace
+    from .store import open_store
+    from .training import check_trainable
+
+    check_engine(engine, engine_options)
+    check_search_options(trials=trials, sampler=sampler, eta=eta, metric=metric,
+                         max_group=max_group, halving=halving)
+    from dataclasses import replace
+
+    base = replace(train_config(config, **options), seed=seed)
+    sp = space if isinstance(space, SearchSpace) else (
+        SearchSpace.from_file(space) if isinstance(space, str) else SearchSpace.from_dict(space))
+    check_search_out(out, store)  # a folder that is not ours: refused before any engine starts
+    st = open_store(store, storage_options=storage_options)
+    check_trainable(st, base)
+    plan_trials(st, sp, base, trials=trials, sampler=sampler, seed=seed, baseline=baseline)
+    with engine_scope(engine, workers, engine_options) as ex:
+        return run_search(ex, store, out, trials=trials, space=sp, sampler=sampler,
+                          halving=halving, eta=eta, metric=metric, seed=seed, base=base,
+                          max_group=max_group, storage_options=storage_options,
+                          progress=progress, baseline=baseline, max_rungs=max_rungs)
+
+
+def curve(store: str, out: str, *, sizes: Sequence[int] | None = None,
+          fractions: Sequence[float] | None = None, repeats: int = 3, seed: int = 0,
+          engine: "str | Executor" = "local", workers: int | None = None,
+          engine_options: Mapping[str, Any] | None = None,
+          storage_options: Mapping | None = None, progress: bool = True, config: Any = None,
+          **options: Any) -> Any:
+    """Learning curve: a head (``options`` as for ``train``) trained on ``repeats`` seeded,
+    stratified subsets of the train split per size (``sizes``: images per class, or
+    ``fractions`` of each class), scored on them and on val/test: ``curve.csv``,
+    ``curve.json`` and ``curve.png`` in ``out`` (new, empty, or an earlier curve's folder)."""
+    refuse_start_while_bootstrapping()
+    from .selection.curve import _check_sizes, check_curve_out, run_curve
+    from .store import open_store
+    from .training import check_trainable
+
+    check_engine(engine, engine_options)
+    _check_sizes(sizes, fractions)
+    base = train_config(config, **options)
+    check_curve_out(out, store)
+    check_trainable(open_store(store, storage_options=storage_options), base)
+    with engine_scope(engine, workers, engine_options) as ex:
+        return run_curve(ex, store, out, sizes=sizes, fractions=fractions, repeats=repeats,
+                         seed=seed, base=base, storage_options=storage_options,
+                         progress=progress)

@@ -153,7 +153,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 #: the commands that run on an engine (and take --engine, --workers, --scheduler, --master)
-ENGINE_COMMANDS = ("featurize", "train", "evaluate", "demo")
+ENGINE_COMMANDS = ("featurize", "train", "evaluate", "demo", "report", "search", "curve")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -687,6 +687,7 @@ def cmd_spark_entry(args: argparse.Namespace) -> int:
 COMMANDS = {"featurize": cmd_featurize, "info": cmd_info, "models": cmd_models,
             "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "export": cmd_export, "demo": cmd_demo, "spark-entry": cmd_spark_entry}
+from . import cli_selection  # noqa: E402,F401  (registers search and curve)
 
 from . import cli_report  # noqa: E402,F401 - registers `report` (_EXTRA_COMMANDS)
 

@@ -6,7 +6,7 @@ import os
 from typing import Any, Callable
 
 from . import cli
-from .cli import _add_engine_args, _engine_options, _int_type
+from .cli import _engine_options, _int_type
 
 __all__ = ["cmd_report"]
 
@@ -41,7 +41,6 @@ def _add_report(command: Callable[..., argparse.ArgumentParser]) -> None:
     r.add_argument("--curve", default=None, metavar="FILE",
                    help="learning curve JSON (default: MODEL_DIR/curve/curve.json if there)")
     r.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    _add_engine_args(r)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -378,7 +378,8 @@ def test_every_numeric_option_is_covered():
 
 
 POSITIONALS = {"featurize": ["d", "s"], "train": ["s", "m"], "evaluate": ["m", "s"],
-               "predict": ["m", "x.jpg"], "demo": [], "report": ["m", "s"]}
+               "predict": ["m", "x.jpg"], "demo": [], "report": ["m", "s"],
+               "search": ["s", "o"], "curve": ["s", "o", "--sizes", "5"]}
 
 
 @pytest.mark.parametrize("command,flag,value", NUMERIC)

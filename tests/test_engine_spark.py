@@ -272,7 +272,8 @@ def test_spark_submit_adds_the_spark_engine_only_where_a_command_takes_one():
     assert with_spark_engine(["info", "f.zarr"]) == ["info", "f.zarr"]
     # the list is the CLI's own: every engine command parses --engine, the others refuse it
     positional = {"featurize": ["d", "s"], "train": ["s", "m"], "evaluate": ["m", "s"],
-                  "demo": []}
+                  "demo": [], "report": ["m", "s"], "search": ["s", "o"],
+                  "curve": ["s", "o", "--sizes", "5"]}
     assert set(ENGINE_COMMANDS) == set(positional)
     for cmd, args in positional.items():
         assert _parser().parse_args([cmd, *args, "--engine", "spark"]).engine == "spark"
