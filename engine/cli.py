@@ -687,9 +687,8 @@ def cmd_spark_entry(args: argparse.Namespace) -> int:
 COMMANDS = {"featurize": cmd_featurize, "info": cmd_info, "models": cmd_models,
             "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "export": cmd_export, "demo": cmd_demo, "spark-entry": cmd_spark_entry}
-from . import cli_selection  # noqa: E402,F401  (registers search and curve)
-
-from . import cli_report  # noqa: E402,F401 - registers `report` (_EXTRA_COMMANDS)
+# the commands defined in their own modules register themselves (_EXTRA_COMMANDS, COMMANDS)
+from . import cli_report, cli_selection  # noqa: E402,F401
 
 
 def _command_parser(ap: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:
