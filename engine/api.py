@@ -331,7 +331,7 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     from .store import open_store
 
     check_engine(engine, engine_options)
-    model = load(model_dir)
+    model = load(model_dir, storage_options)  # a model directory on s3:// too
     st = open_store(store, storage_options=storage_options)
     st.require_complete("evaluating")
     ev.check_split_has_rows(st, split, store)  # an empty split has no metrics (NaN)
@@ -355,8 +355,9 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     return m
 
 
-def load(model_dir: str) -> Any:
-    """Load a saved model: ``deeptransfer.load("model/").predict(["cat.jpg"])``."""
+def load(model_dir: str, storage_options: Mapping | None = None) -> Any:
+    """Load a saved model: ``deeptransfer.load("model/").predict(["cat.jpg"])``; a model
+    directory on an fsspec URL (``s3://...``) too."""
     from .artifact import load as _load
 
-    return _load(model_dir)
+    return _load(model_dir, storage_options)
