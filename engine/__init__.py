@@ -10,12 +10,13 @@ __version__ = "0.1.0"
 
 from .api import evaluate, featurize, info, load, train, train_config  # noqa: E402
 from .engines import available_engines, get_executor  # noqa: E402
+from .features import open_features  # noqa: E402
 from .errors import (  # noqa: E402
     DatasetNotFoundError, DeeptransferError, EngineUnavailableError, InvalidParameterError,
     StoreError, TaskError, UnknownModelError, WeightsNotFoundError)
 
 __all__ = [
-    "featurize", "train", "evaluate", "load", "train_config", "info", "get_executor", "available_engines", "DeeptransferError",
+    "featurize", "train", "evaluate", "load", "train_config", "info", "open_features", "get_executor", "available_engines", "DeeptransferError",
     "InvalidParameterError", "DatasetNotFoundError", "UnknownModelError",
     "WeightsNotFoundError", "StoreError", "EngineUnavailableError", "TaskError", "__version__",
 ]

@@ -1,0 +1,37 @@
+"""open_features(...).to_spark: the valid rows of a store as a Spark DataFrame (features as
+an array column, label, label_name, split, ref), each partition reading its store chunks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyspark")
+pytest.importorskip("pyarrow")
+pytest.importorskip("pandas")
+
+import deeptransfer as dt  # noqa: E402
+from deeptransfer.adapters.local import LocalExecutor  # noqa: E402
+from deeptransfer.adapters.spark import SparkExecutor  # noqa: E402
+from deeptransfer.store import open_store  # noqa: E402
+from deeptransfer.testing.source_checks import FEATURIZE, write_sources  # noqa: E402
+
+pytestmark = pytest.mark.spark
+
+
+def test_to_spark_gives_the_valid_rows_of_a_split(tmp_path):
+    layouts = write_sources(tmp_path / "data")
+    store = str(tmp_path / "w.zarr")
+    with LocalExecutor(0) as ex:
+        dt.featurize(layouts["webdataset"], store, engine=ex, **FEATURIZE)
+    st = open_store(store)
+    f = dt.open_features(store, split="test")
+    with SparkExecutor(2) as ex:
+        df = f.to_spark(ex.session)
+        assert df.columns == ["features", "label", "label_name", "split", "ref"]
+        rows = sorted(df.collect(), key=lambda r: r["ref"])
+    order = np.argsort(f.refs)
+    assert [r["ref"] for r in rows] == [f.refs[i] for i in order]
+    assert np.array_equal(np.array([r["features"] for r in rows], np.float32),
+                          f.numpy()[order])
+    assert [r["label_name"] for r in rows] == [f.label_names[i] for i in order]
+    assert {r["split"] for r in rows} == {"test"} and len(rows) == len(st.split_rows("test"))
