@@ -36,6 +36,49 @@ def manifest_format(url: str) -> str | None:
     return None
 
 
+def read_columns(url: str, storage_options: Mapping | None = None
+                 ) -> tuple[list[str], Any]:
+    """(column names, a function name -> the column as a list) of a manifest: with pyarrow
+    (its CSV / JSON / Parquet readers, columnar: a million rows in about a second) when it
+    is installed, else ``read_table``'s rows."""
+    fmt = manifest_format(url)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        names, rows = read_table(url, storage_options)
+        rows = list(rows)
+        return names, lambda c: [r.get(c) for r in rows]
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pjson
+
+    fs, path = url_to_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        if fmt == "parquet":
+            table = _pyarrow_parquet(url).read_table(f)
+        elif fmt in ("csv", "tsv"):
+            # every column as text, as the csv module reads it; "" is a null
+            head = f.read(1 << 16)
+            f.seek(0)
+            first = head.decode("utf-8-sig", "replace").splitlines()[0] if head else ""
+            cols = next(__import__("csv").reader([first],
+                                                 delimiter="\t" if fmt == "tsv" else ","), [])
+            import pyarrow as pa
+
+            table = pcsv.read_csv(
+                f, parse_options=pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+                convert_options=pcsv.ConvertOptions(
+                    column_types={c: pa.string() for c in cols}, strings_can_be_null=True))
+        else:
+            try:
+                table = pjson.read_json(f)
+            except Exception:  # noqa: BLE001 - a bad line: the row reader says which
+                names, rows = read_table(url, storage_options)
+                rows = list(rows)
+                return names, lambda c: [r.get(c) if "__error__" not in r else r
+                                         for r in rows]
+    return list(table.column_names), lambda c: table.column(c).to_pylist()
+
+
 def read_table(url: str, storage_options: Mapping | None = None,
                columns: list[str] | None = None) -> tuple[list[str], Iterator[dict[str, Any]]]:
     """(column names, rows as dicts) of a CSV / TSV / JSONL / Parquet file on any fsspec
@@ -116,7 +159,7 @@ class ManifestSource(Source):
 
     def list(self, storage_options: Mapping | None = None) -> Listing:
         self.check(storage_options)
-        names, rows = read_table(self.url, storage_options)
+        names, column = read_columns(self.url, storage_options)
         uri_col = pick_column(names, self.uri_column, URI_COLUMNS, "uri", "--uri-column",
                               self.url)
         label_col = pick_column(names, self.label_column, ("label",), "label",
@@ -125,18 +168,18 @@ class ManifestSource(Source):
                                 "--split-column", self.url, required=False)
         base = _base_dir(self.url)
         listing = Listing(refs=[], labels=[], splits=[] if split_col else None)
-        for n, row in enumerate(rows, 1):
-            shown = f"{os.path.basename(self.url)} row {n}"
-            if "__error__" in row:
-                listing.skipped.append((shown, row["__error__"]))
+        uris, labels = column(uri_col), column(label_col)
+        splits = column(split_col) if split_col else [None] * len(uris)
+        name = os.path.basename(self.url)
+        for n, (uri, label, split) in enumerate(zip(uris, labels, splits), 1):
+            if isinstance(uri, dict):  # a line that is not JSON (read_table's marker)
+                listing.skipped.append((f"{name} row {n}", uri["__error__"]))
                 continue
-            uri = row.get(uri_col)
             if not isinstance(uri, str) or not uri.strip():
-                listing.skipped.append((shown, "missing uri" if uri in (None, "") else
-                                        f"uri is not text: {uri!r}"))
+                listing.skipped.append((f"{name} row {n}", "missing uri" if uri in (None, "")
+                                        else f"uri is not text: {uri!r}"))
                 continue
-            add_row(listing, join_uri(base, uri.strip()), row.get(label_col),
-                    row.get(split_col) if split_col else None)
+            add_row(listing, join_uri(base, uri.strip()), label, split)
         return listing
 
 
