@@ -11,8 +11,9 @@ Prints, from one run:
 - *throughput*: ``--images`` Caltech-101 images (a seeded per-class subsample) converted
   under /tmp into each format (the folder tree, a CSV manifest, a Parquet table of
   ``content`` bytes with row groups of one chunk, WebDataset shards of 256 samples) and
-  featurized by the local engine (1 worker, as each source pays the same start-up), the
-  folder first and last: each source's images/s and its ratio to the folder's mean.
+  featurized by the local engine (1 worker, its model built before the first run), the
+  folder before and after each source: each source's images/s and its ratio to the mean
+  of the two folder runs around it.
 
 The last line of stdout is one JSON object with every figure.
 """
@@ -128,12 +129,38 @@ def write_formats(rows: list[tuple[str, str]], tmp: str) -> dict[str, str]:
             "webdataset": os.path.join(wds, f"shard-{{0000..{n_shards - 1:04d}}}.tar")}
 
 
+def read_cost(urls: dict[str, str], chunk_rows: int = 256, repeats: int = 3) -> dict:
+    """Seconds per image to read every ref's bytes through its source's reader, a reader
+    per chunk as featurize_chunk does (best of ``repeats``): the part of featurize that
+    differs between sources, measured apart from the network, whose cost swamps it and
+    whose speed drifts with the machine's load."""
+    from deeptransfer.sources import as_source
+
+    out = {}
+    for kind, url in urls.items():
+        src = as_source(url)
+        refs = src.list().refs
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            n_bytes = 0
+            for a in range(0, len(refs), chunk_rows):
+                with src.reader() as r:
+                    for ref in refs[a:a + chunk_rows]:
+                        n_bytes += len(r.read(ref))
+            best = min(best, time.perf_counter() - t0)
+        out[kind] = {"us_per_image": round(best / len(refs) * 1e6, 1), "bytes": n_bytes}
+    return out
+
+
 def throughput(urls: dict[str, str], tmp: str, workers: int) -> dict:
     import deeptransfer as dt
     from deeptransfer.adapters.local import LocalExecutor
 
     runs = []
-    order = ["folder", "manifest", "parquet", "webdataset", "folder"]
+    # the folder between every two sources: each source is compared with the folder runs
+    # just before and after it (this machine is shared; its speed drifts within minutes)
+    order = ["folder", "manifest", "folder", "parquet", "folder", "webdataset", "folder"]
     with LocalExecutor(workers) as ex:
         # warm the workers' model cache first, so no source pays the model build
         dt.featurize(urls["folder"], os.path.join(tmp, "warm.zarr"), engine=ex,
@@ -149,10 +176,13 @@ def throughput(urls: dict[str, str], tmp: str, workers: int) -> dict:
     ref = [r["images_per_second"] for r in runs if r["source"] == "folder"]
     folder_ips = sum(ref) / len(ref)
     out = {}
-    for r in runs[1:-1]:
+    for i in range(1, len(runs) - 1, 2):
+        r = runs[i]
+        around = (runs[i - 1]["images_per_second"] + runs[i + 1]["images_per_second"]) / 2
         out[r["source"]] = {**{k: r[k] for k in ("images", "featurized", "seconds",
                                                   "images_per_second")},
-                            "ratio_to_folder": round(r["images_per_second"] / folder_ips, 3)}
+                            "folder_around": round(around, 2),
+                            "ratio_to_folder": round(r["images_per_second"] / around, 3)}
     # the same features whatever the source
     from deeptransfer.store import open_store
 
@@ -170,6 +200,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-featurize", action="store_true",
+                    help="measure the readers' cost only, not featurize's throughput")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="dt-sources-")
@@ -184,6 +216,12 @@ def main() -> None:
         if not args.skip_throughput:
             rows = subsample(args.dataset, args.images)
             urls = write_formats(rows, tmp)
+            result["read_cost"] = rc = read_cost(urls)
+            print("read cost per image (bytes through the source's reader): " +
+                  ", ".join(f"{k} {v['us_per_image']} us" for k, v in rc.items()))
+            if args.skip_featurize:
+                print(json.dumps(result))
+                return
             result["throughput"] = t = throughput(urls, tmp, args.workers)
             print(f"throughput ({len(rows)} images, local engine, {args.workers} worker): "
                   f"folder {t['folder_images_per_second']} img/s")

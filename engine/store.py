@@ -500,6 +500,8 @@ class FeatureStore:
             "rows": self.n_images,
             "featurized": int((ok & image).sum()),
             "skipped": len(self.skipped()),
+            # rows the source refused while listing (no uri, a null label): not store rows
+            "skipped_at_listing": int((self.attrs.get("listing_skipped") or {}).get("count", 0)),
             "chunks_done": f"{int(done.sum())}/{len(done)}",
             "classes": len(self.classes),
             "splits": {s: int(((split == i) & ok & image).sum()) for i, s in enumerate(SPLITS)},

@@ -158,3 +158,33 @@ def test_open_features_gives_the_valid_rows_as_numpy_and_dask(parquet_store):
     x = train.to_dask()
     assert x.shape == (len(train), st.feature_dim)
     assert np.array_equal(x.compute(), train.numpy())
+
+
+def test_a_dask_dataframe_of_paths_is_a_source(tmp_path, layouts):
+    pd = pytest.importorskip("pandas")
+    dd = pytest.importorskip("dask.dataframe")
+    rows = [json.loads(line) for line in open(layouts["jsonl"])]
+    df = dd.from_pandas(pd.DataFrame({"uri": [r["path"] for r in rows],
+                                      "y": [r["label"] for r in rows]}), npartitions=3)
+    m = dt.dataset.load_dataset(as_source(df, label_column="y"))
+    assert m.paths == [r["path"] for r in rows]
+    assert [m.classes[i] for i in m.labels] == [r["label"] for r in rows]
+
+
+def test_a_missing_parquet_reader_is_one_line_naming_the_extra(layouts, monkeypatch):
+    from deeptransfer.errors import EngineUnavailableError
+
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if absent
+    with pytest.raises(EngineUnavailableError, match=r"deeptransfer\[parquet\]"):
+        ParquetSource(layouts["parquet"]).list()
+
+
+def test_augmented_views_read_through_the_source_match_the_folders(tmp_path, layouts):
+    with LocalExecutor(0) as ex:
+        for kind in ("folder", "webdataset"):
+            dt.featurize(layouts[kind], str(tmp_path / f"{kind}.zarr"), engine=ex,
+                         train_views=2, **FEATURIZE)
+    a, b = open_store(str(tmp_path / "folder.zarr")), open_store(str(tmp_path / "webdataset.zarr"))
+    assert b.n_rows > b.n_images and np.array_equal(a["view"][:], b["view"][:])
+    assert a["features"][:].tobytes() == b["features"][:].tobytes()
+    assert b["ok"][:].sum() == a["ok"][:].sum()

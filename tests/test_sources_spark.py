@@ -35,3 +35,21 @@ def test_to_spark_gives_the_valid_rows_of_a_split(tmp_path):
                           f.numpy()[order])
     assert [r["label_name"] for r in rows] == [f.label_names[i] for i in order]
     assert {r["split"] for r in rows} == {"test"} and len(rows) == len(st.split_rows("test"))
+
+
+def test_a_spark_dataframe_of_paths_is_a_source(tmp_path):
+    layouts = write_sources(tmp_path / "data")
+    from deeptransfer.sources import FolderSource
+
+    listing = FolderSource(layouts["folder"]).list()
+    with SparkExecutor(1) as ex:
+        df = ex.session.createDataFrame(list(zip(listing.refs, listing.labels)),
+                                        "path string, label string")
+        with LocalExecutor(0) as local:
+            a = dt.featurize(source=df, store=str(tmp_path / "s.zarr"), engine=local,
+                             **FEATURIZE)
+            b = dt.featurize(layouts["folder"], str(tmp_path / "f.zarr"), engine=local,
+                             **FEATURIZE)
+    assert a.featurized == b.featurized == 14
+    assert open_store(str(tmp_path / "s.zarr"))["features"][:].tobytes() == \
+        open_store(str(tmp_path / "f.zarr"))["features"][:].tobytes()

@@ -263,6 +263,9 @@ def check_bad_rows(executor: Any, tmp: str | os.PathLike) -> dict[str, Any]:
     for word in ("missing uri", "no label", "unknown split", "file not found"):
         assert has("csv", word), (word, why["csv"])
     assert len(why["csv"]) == 5, why["csv"]  # + the file that is not an image
+    from ..api import info
+
+    assert info(str(tmp / "bad_csv.zarr"))["skipped_at_listing"] == 3  # recorded in the store
     r = reports["parquet"]
     assert r.featurized == 2 and r.images == 5 and len(r.skipped) == 3, r.skipped
     assert has("parquet", "no image bytes") and has("parquet", "no label"), why["parquet"]
