@@ -53,3 +53,17 @@ def test_a_spark_dataframe_of_paths_is_a_source(tmp_path):
     assert a.featurized == b.featurized == 14
     assert open_store(str(tmp_path / "s.zarr"))["features"][:].tobytes() == \
         open_store(str(tmp_path / "f.zarr"))["features"][:].tobytes()
+
+
+def test_every_source_on_spark_gives_the_local_engines_store(tmp_path):
+    from deeptransfer.testing import source_checks
+
+    with SparkExecutor(2) as ex:
+        tables = source_checks.check_same_features(ex, tmp_path / "spark")
+    # one thread, as each Spark task: equal thread counts give bitwise-equal features
+    with LocalExecutor(0, threads_per_worker=1) as local:
+        source_checks._featurize(local, str(tmp_path / "spark" / "data" / "folder"),
+                                 str(tmp_path / "local.zarr"))
+    ref = source_checks._table(str(tmp_path / "local.zarr"))
+    for kind, t in tables.items():
+        assert t["features"].tobytes() == ref["features"].tobytes(), kind
