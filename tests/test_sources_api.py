@@ -188,3 +188,41 @@ def test_augmented_views_read_through_the_source_match_the_folders(tmp_path, lay
     assert b.n_rows > b.n_images and np.array_equal(a["view"][:], b["view"][:])
     assert a["features"][:].tobytes() == b["features"][:].tobytes()
     assert b["ok"][:].sum() == a["ok"][:].sum()
+
+
+def test_a_task_reads_only_the_row_groups_of_its_rows(tmp_path, layouts, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from deeptransfer.featurization import featurize_chunk
+
+    calls = []
+    real = pq.ParquetFile.read_row_group
+
+    def spy(self, i, *a, **kw):
+        calls.append((i, tuple(kw.get("columns") or ())))
+        return real(self, i, *a, **kw)
+
+    store = str(tmp_path / "p.zarr")
+    with LocalExecutor(0, threads_per_worker=1) as ex:  # the spec below: one thread too
+        dt.featurize(layouts["parquet"], store, engine=ex, **FEATURIZE)
+    st = open_store(store)
+    # rows 4..7: rows 1-2 of row group 1 and row 0 of group 2 of the first file (7 rows in
+    # groups of 3), row 0 of group 0 of the second
+    refs = st.chunk_paths(1)
+    assert [(p.rsplit("#", 1)[0].rsplit("/", 1)[-1], p.rsplit("#", 1)[1]) for p in refs] == [
+        ("part-00000.parquet", "1/1"), ("part-00000.parquet", "1/2"),
+        ("part-00000.parquet", "2/0"), ("part-00001.parquet", "0/0")]
+    # featurize chunk 1 again, alone, and watch what it reads
+    from deeptransfer.featurization import FeaturizeSpec
+    from deeptransfer.models import ModelSpec
+    from deeptransfer.sources import ParquetSource
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    spec = FeaturizeSpec(store_url=store, model=ModelSpec.from_dict(st.attrs["model"]),
+                         batch_size=4, source=ParquetSource(layouts["parquet"]))
+    before = st["features"][4:8]
+    res = featurize_chunk(1, spec)
+    assert res.n_ok == int(st["ok"][4:8].sum()) == 3  # row 4 is the file that is not an image
+    # each of its row groups read once, the image column only, and no other row group
+    assert calls == [(1, ("content",)), (2, ("content",)), (0, ("content",))]
+    assert open_store(store)["features"][4:8].tobytes() == before.tobytes()
