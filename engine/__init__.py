@@ -12,12 +12,13 @@ from .api import evaluate, featurize, info, load, train, train_config  # noqa: E
 from .api import report  # noqa: E402
 from .api import curve, search  # noqa: E402
 from .engines import available_engines, get_executor  # noqa: E402
+from .features import open_features  # noqa: E402
 from .errors import (  # noqa: E402
     DatasetNotFoundError, DeeptransferError, EngineUnavailableError, InvalidParameterError,
     StoreError, TaskError, UnknownModelError, WeightsNotFoundError)
 
 __all__ = [
-    "featurize", "train", "evaluate", "report", "search", "curve", "load", "train_config", "info", "get_executor", "available_engines", "DeeptransferError",
+    "featurize", "train", "evaluate", "report", "search", "curve", "open_features", "load", "train_config", "info", "get_executor", "available_engines", "DeeptransferError",
     "InvalidParameterError", "DatasetNotFoundError", "UnknownModelError",
     "WeightsNotFoundError", "StoreError", "EngineUnavailableError", "TaskError", "__version__",
 ]

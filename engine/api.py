@@ -43,7 +43,8 @@ def engine_scope(engine: "str | Executor", workers: int | None,
         yield get_executor(engine)
 
 
-def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "efficientnet_lite0",
+def featurize(dataset: Any = None, store: str | None = None, *,
+              model: "str | Sequence[str]" = "efficientnet_lite0",
               layer: str | None = None, weights: str | None = None,
               engine: "str | Executor" = "local", workers: int | None = None,
               engine_options: Mapping[str, Any] | None = None,
@@ -54,11 +55,22 @@ def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "effic
               device: str | None = None, precision: str = "auto", views: str = "center",
               max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, overwrite: bool = False,
               keep_maps: bool = False, train_views: int = 0,
-              storage_options: Mapping | None = None, progress: Any = True) -> FeaturizeReport:
+              storage_options: Mapping | None = None, progress: Any = True,
+              source: Any = None, uri_column: str | None = None,
+              label_column: str | None = None, split_column: str | None = None,
+              image_column: str | None = None) -> FeaturizeReport:
     """Push every image of ``dataset`` once through a frozen pretrained CNN into ``store``.
 
     ``dataset`` is a folder (local or fsspec URL) with one sub-folder of images per class, or
-    train/ val/ test/ folders holding those. Splits: ``split="train=0.7,val=0.1,test=0.2"``
+    train/ val/ test/ folders holding those; a manifest (``.csv``, ``.jsonl``, ``.parquet``
+    with ``uri`` and ``label`` columns); a Parquet table of image bytes (Spark's
+    ``binaryFile`` ``content``, Hugging Face's ``image``) and labels; WebDataset shards
+    (``shards-{0000..0099}.tar``); a Hugging Face imagefolder (``metadata.csv``); or a
+    ``deeptransfer.sources.Source``. ``source``: the kind of ``dataset`` (``"manifest"``,
+    ``"parquet"``, ``"webdataset"``, ``"imagefolder"``, ``"folder"``; default: detected),
+    or the dataset itself -- a Source, or a pandas / Dask / Spark DataFrame of paths and
+    labels (``featurize(source=df, store="f.zarr")``). ``uri_column``, ``label_column``,
+    ``split_column``, ``image_column`` name other columns than the defaults. Splits: ``split="train=0.7,val=0.1,test=0.2"``
     (stratified, seeded), or ``per_class_train=30`` (+ ``per_class_val``), the rest test.
     ``views="center+flip"`` averages the features of each image and its mirror image.
     Several backbones: ``model="efficientnet_lite0+efficientnet_lite1"`` (or a list of
@@ -75,7 +87,24 @@ def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "effic
     from .dataset import check_dataset_options, load_dataset
     from .storesafety import check_store_target
 
+    from .sources import as_source
+
+    if source is not None and not isinstance(source, str):
+        if dataset is not None:
+            from .errors import InvalidParameterError
+
+            raise InvalidParameterError("Give the dataset or source=, not both.",
+                                        param="source")
+        dataset, source = source, None
+    if dataset is None or store is None:
+        from .errors import InvalidParameterError
+
+        raise InvalidParameterError("featurize needs a dataset (or source=) and a store.",
+                                    param="dataset" if dataset is None else "store")
     check_engine(engine, engine_options)
+    src = as_source(dataset, source, storage_options=storage_options, uri_column=uri_column,
+                    label_column=label_column, split_column=split_column,
+                    image_column=image_column)
     # every mistake is found before an engine or a worker starts (that costs seconds):
     # the options, the model and layer, then the dataset itself (scanned, split, classes)
     _check_featurize_options(batch_size=batch_size, chunk_rows=chunk_rows,
@@ -83,10 +112,10 @@ def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "effic
                              precision=precision, views=views, device=device, seed=seed,
                              per_class_val=per_class_val, per_class_train=per_class_train,
                              train_views=train_views)
-    check_dataset_options(dataset, split=split, per_class_train=per_class_train,
+    check_dataset_options(src, split=split, per_class_train=per_class_train,
                           storage_options=storage_options)
     # a foreign folder, the dataset itself or a store another job writes: refused up front
-    check_store_target(store, dataset=dataset, overwrite=overwrite,
+    check_store_target(store, dataset=src.root, overwrite=overwrite,
                        storage_options=storage_options)
     spec = _resolve_model(model, layer, weights)
     from .models import composite
@@ -98,7 +127,7 @@ def featurize(dataset: str, store: str, *, model: "str | Sequence[str]" = "effic
         info = get_model_info(spec.name)
         check_map_layer(info, resolve_layer(info, spec.layer),
                         "keep_maps (CLI: --keep-maps, with --layer)")
-    manifest = load_dataset(dataset, split=split, per_class_train=per_class_train,
+    manifest = load_dataset(src, split=split, per_class_train=per_class_train,
                             per_class_val=per_class_val, exclude_classes=exclude_classes,
                             seed=seed, storage_options=storage_options)
     split_config = {"split": split if isinstance(split, (str, type(None))) else dict(split),
@@ -310,7 +339,7 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     from .store import open_store
 
     check_engine(engine, engine_options)
-    model = load(model_dir)
+    model = load(model_dir, storage_options)  # a model directory on s3:// too
     st = open_store(store, storage_options=storage_options)
     st.require_complete("evaluating")
     ev.check_split_has_rows(st, split, store)  # an empty split has no metrics (NaN)
@@ -334,11 +363,12 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     return m
 
 
-def load(model_dir: str) -> Any:
-    """Load a saved model: ``deeptransfer.load("model/").predict(["cat.jpg"])``."""
+def load(model_dir: str, storage_options: Mapping | None = None) -> Any:
+    """Load a saved model: ``deeptransfer.load("model/").predict(["cat.jpg"])``; a model
+    directory on an fsspec URL (``s3://...``) too."""
     from .artifact import load as _load
 
-    return _load(model_dir)
+    return _load(model_dir, storage_options)
 
 
 def report(model_dir: str, store: str, out: str, *, split: str | None = None,
@@ -368,6 +398,8 @@ def report(model_dir: str, store: str, out: str, *, split: str | None = None,
     check_engine(engine, engine_options)
     with engine_scope(engine, workers, engine_options) as ex:
         return write_report(ex, model_dir, store, out, opts, storage_options=storage_options)
+
+
 # -- choosing the model: head search and learning curves (engine/selection) --------------------
 
 def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,

@@ -385,6 +385,37 @@ class TransferModel:
         return path
 
 
-def load(model_dir: str | os.PathLike) -> TransferModel:
-    """Load a saved model directory: ``deeptransfer.load("model/").predict(["a.jpg"])``."""
-    return TransferModel(model_dir)
+def load(model_dir: str | os.PathLike,
+         storage_options: Mapping | None = None) -> TransferModel:
+    """Load a saved model directory: ``deeptransfer.load("model/").predict(["a.jpg"])``.
+
+    A directory on an fsspec URL (``s3://bucket/model``) is read through fsspec: its two
+    files (config.json, head.safetensors) are copied into a private temporary folder that
+    lives as long as the returned model."""
+    url = str(model_dir)
+    if "://" not in url or url.startswith("file://"):
+        return TransferModel(url.removeprefix("file://") if isinstance(model_dir, str)
+                             else model_dir)
+    import tempfile
+
+    from .fs import url_to_fs
+
+    fs, root = url_to_fs(url, storage_options)
+    tmp = tempfile.TemporaryDirectory(prefix="deeptransfer-model-")
+    for name in (CONFIG, HEAD):
+        src = f"{root.rstrip('/')}/{name}"
+        try:
+            data = fs.cat_file(src)
+        except FileNotFoundError:
+            if name == CONFIG:
+                tmp.cleanup()
+                raise StoreError(f"{url!r} is not a deeptransfer model directory (no "
+                                 f"config.json). Train one with `deeptransfer train STORE "
+                                 f"MODEL_DIR`.") from None
+            continue  # TransferModel names the missing head itself
+        with open(os.path.join(tmp.name, name), "wb") as f:
+            f.write(data)
+    model = TransferModel(tmp.name)
+    model._tmp = tmp  # type: ignore[attr-defined]  # removed with the model
+    model.url = url  # type: ignore[attr-defined]
+    return model

@@ -198,7 +198,22 @@ def _parser() -> argparse.ArgumentParser:
                             "a crash. Default split: " + SPLIT_HELP.split("(default: ")[1][:-1]
                             + ".")
     f.add_argument("dataset", help="folder (or fsspec URL) with one sub-folder per class, or "
-                                   "train/ val/ test/ folders holding those")
+                                   "train/ val/ test/ folders holding those; a manifest "
+                                   "(*.csv, *.jsonl, *.parquet of uri + label); a Parquet "
+                                   "table of image bytes + label; WebDataset shards (*.tar, "
+                                   "'shards-{0000..0099}.tar'); a Hugging Face imagefolder")
+    src = f.add_argument_group("source")
+    src.add_argument("--source", default=None,
+                     choices=["folder", "imagefolder", "manifest", "parquet", "webdataset"],
+                     help="what DATASET is (default: told by its name and contents)")
+    src.add_argument("--uri-column", default=None, metavar="NAME",
+                     help="manifest: the image path/URL column (default: uri, or path)")
+    src.add_argument("--label-column", default=None, metavar="NAME",
+                     help="the label column (default: label; WebDataset: the .json key)")
+    src.add_argument("--split-column", default=None, metavar="NAME",
+                     help="the split column, train/val/test (default: split, when there is one)")
+    src.add_argument("--image-column", default=None, metavar="NAME",
+                     help="Parquet: the image bytes column (default: content, or image)")
     f.add_argument("store", help="Zarr store to write (path or fsspec URL)")
     f.add_argument("--model", default="efficientnet_lite0",
                    help="backbone: see `deeptransfer models`; several joined with '+' "
@@ -307,7 +322,9 @@ def cmd_featurize(args: argparse.Namespace) -> int:
                     compile=args.compile, device=args.device, views=args.views,
                     max_image_bytes=args.max_image_mb * 1024 * 1024, overwrite=args.overwrite,
                     keep_maps=args.keep_maps, train_views=args.train_views,
-                    progress=not args.json)
+                    progress=not args.json, source=args.source, uri_column=args.uri_column,
+                    label_column=args.label_column, split_column=args.split_column,
+                    image_column=args.image_column)
     _print_featurize(rep, args.json)
     return 0
 

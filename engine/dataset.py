@@ -1,14 +1,9 @@
-"""Scan a folder-per-class image tree on any fsspec URL into a Manifest; seeded splits.
+"""A dataset's rows as a Manifest (ref, label, split code, classes), and seeded splits.
 
-Layouts:
-- ``ROOT/<class>/<file>`` (files in nested folders under a class belong to that class);
-- ``ROOT/{train,val,test}/<class>/<file>``: a pre-split tree, whose splits are kept.
-
-Every non-hidden file under a class folder is listed, whatever its extension or kind, so that
-a non-image file, a named pipe or a link to a device is *recorded as skipped with its reason*
-when featurized rather than silently ignored; a folder that cannot be listed, or a link loop,
-is a warning. Links to folders are followed. A name that is not valid UTF-8 is kept, escaped
-(``deeptransfer.fs.escape_path``), so the file is featurized and the store can hold its name.
+Where the rows come from is a *source* (``deeptransfer.sources``): a folder-per-class tree
+(``sources.folder``, the default for a folder), a manifest file, a Parquet table, WebDataset
+shards, a Hugging Face imagefolder. A row is an opaque ref the source's reader turns into
+image bytes on the worker; for files (folders, manifests) it is the file's path or URL.
 
 Splits are stratified per class, seeded per class (a class's split does not change when
 another class is added or excluded), and the same on every engine because only the driver
@@ -16,16 +11,14 @@ computes them.
 """
 from __future__ import annotations
 
-import os
-import re
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import DatasetNotFoundError, InvalidParameterError
-from .fs import escape_path, show_name, url_to_fs
+from .errors import InvalidParameterError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: split code of rows that belong to no split
@@ -34,15 +27,27 @@ UNASSIGNED = -1
 
 @dataclass
 class Manifest:
-    """The images of a dataset: one row per file, in a deterministic order."""
+    """The images of a dataset: one row per image, in a deterministic order.
+
+    ``paths`` holds each row's ref: a file's path or URL for folders and manifests, an
+    opaque string its ``source`` reads otherwise (a Parquet row, a tar member)."""
 
     root: str
-    paths: list[str]
+    paths: list[str]  # the refs
     labels: np.ndarray  # int32 class index per row
     split: np.ndarray  # int8 code per row: index into SPLITS, or UNASSIGNED
     classes: list[str]
     warnings: list[str] = field(default_factory=list)
     presplit: bool = False
+    #: the deeptransfer.sources.Source the rows come from (None: refs are file paths/URLs)
+    source: Any = None
+    #: (ref, reason) of the rows the source refused while listing (a null label, ...)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def refs(self) -> list[str]:
+        """The rows' refs (the same list as ``paths``)."""
+        return self.paths
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -64,30 +69,33 @@ def split_code(name: str) -> int:
     return SPLITS.index(name)
 
 
-def _natural_key(s: str) -> list:
-    # image_2.jpg before image_10.jpg, so row order reads the way a person lists the folder
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
-
-
 def dataset_root(url: str, storage_options: Mapping | None = None) -> tuple[Any, str]:
-    """The filesystem and root path of the dataset folder ``url``; DatasetNotFoundError if
-    there is no folder there (EngineUnavailableError if its fsspec backend is missing)."""
-    fs, root = url_to_fs(url, storage_options)
-    if not fs.exists(root) or not fs.isdir(root):
-        raise DatasetNotFoundError(
-            f"Dataset not found: {show_name(url)} is not a folder. Give a folder with one "
-            f"sub-folder of images per class (or train/, val/, test/ folders holding class "
-            f"folders).")
-    return fs, root
+    """The filesystem and root path of the dataset folder ``url`` (see
+    ``deeptransfer.sources.folder``)."""
+    from .sources.folder import dataset_root as _root
+
+    return _root(url, storage_options)
 
 
-def check_dataset_options(url: str, *, split: str | Mapping[str, float] | None = None,
+def scan(url: str, *, exclude_classes: Sequence[str] = (),
+         storage_options: Mapping | None = None) -> Manifest:
+    """List a folder-per-class tree into a Manifest (``deeptransfer.sources.folder.scan``)."""
+    from .sources.folder import FolderSource
+
+    return FolderSource(url).manifest(exclude_classes=exclude_classes,
+                                      storage_options=storage_options)
+
+
+def check_dataset_options(url: Any, *, split: str | Mapping[str, float] | None = None,
                           per_class_train: int | None = None,
                           storage_options: Mapping | None = None) -> None:
-    """What ``load_dataset`` would refuse before it scans: a missing folder, a bad split.
-    Cheap (one listing call), so callers run it before starting an engine."""
+    """What ``load_dataset`` would refuse before it scans: a missing folder or file, a bad
+    split. Cheap (one listing call), so callers run it before starting an engine. ``url``: a
+    dataset URL or a ``deeptransfer.sources.Source``."""
+    from .sources import as_source
+
     _check_split(split, per_class_train)
-    dataset_root(url, storage_options)
+    as_source(url, storage_options=storage_options).check(storage_options)
 
 
 def _check_split(split: str | Mapping[str, float] | None, per_class_train: int | None) -> None:
@@ -97,190 +105,6 @@ def _check_split(split: str | Mapping[str, float] | None, per_class_train: int |
         parse_fractions(split)
     elif split is not None:
         check_fractions(split)
-
-
-# -- listing ---------------------------------------------------------------------------------
-#: folders nested deeper than this under a class folder are not listed (a link loop on a
-#: filesystem that cannot say so)
-MAX_DEPTH = 64
-
-
-def _why(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()
-
-
-class _Lister:
-    """Lists the folders of one filesystem: (name, path, is_folder) per entry. Local folders
-    are listed with ``os.scandir`` (links to folders are followed, a loop is reported),
-    others with fsspec's ``ls``. Hidden entries (.DS_Store, .ipynb_checkpoints) are left
-    out. A folder that cannot be listed is a warning (in ``warnings``) with its path relative
-    to ``root``, never dropped silently (fsspec's ``find`` swallows such errors)."""
-
-    def __init__(self, fs: Any, root: str):
-        protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-        self.fs, self.root = fs, root.rstrip("/")
-        self.local = protocol in ("file", "local")
-        self.warnings: list[str] = []
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-
-    def rel(self, path: str) -> str:
-        """``path`` relative to the dataset root, for messages."""
-        p = path.rstrip("/")
-        return p[len(self.root) + 1:] if p.startswith(self.root + "/") else p
-
-    def entries(self, folder: str) -> list[tuple[str, str, bool]]:
-        """The entries of ``folder``; OSError if it cannot be listed."""
-        out = []
-        if self.local:
-            with os.scandir(folder) as it:  # the one local listing call
-                for e in it:
-                    try:
-                        isdir = e.is_dir()  # follows links; False for a broken one
-                    except OSError:
-                        isdir = False
-                    out.append((e.name, f"{folder.rstrip('/')}/{e.name}", isdir))
-        else:
-            base = folder.rstrip("/")
-            for info in self.fs.ls(folder, detail=True):
-                path = info["name"].rstrip("/")
-                if path != base:
-                    out.append((path.rsplit("/", 1)[-1], path, info.get("type") == "directory"))
-        return [e for e in out if not e[0].startswith(".")]
-
-    def _identity(self, folder: str) -> tuple[int, int] | None:
-        if not self.local:
-            return None  # no links on object stores: MAX_DEPTH stops any other loop
-        st = os.stat(folder)
-        return st.st_dev, st.st_ino
-
-    def files(self, top: str, above: Sequence[str] = ()) -> Iterator[str]:
-        """Every non-folder entry under ``top`` (regular or not: the worker says why it does
-        not read a special file), depth first. Unlistable folders and link loops (a link to
-        ``top``, a folder inside it, or one of the folders ``above`` it) are warned about."""
-        try:
-            ancestors = frozenset(self._identity(a) or a for a in above)
-        except OSError:
-            ancestors = frozenset()
-        stack: list[tuple[str, frozenset]] = [(top, ancestors)]
-        while stack:
-            folder, ancestors = stack.pop()
-            try:
-                ident = self._identity(folder) or folder
-                if ident in ancestors:
-                    self.warn(f"skipped {show_name(self.rel(folder))}: a symbolic link loop "
-                              f"(it links to a folder that contains it)")
-                    continue
-                if len(ancestors) > MAX_DEPTH:
-                    self.warn(f"skipped {show_name(self.rel(folder))}: folders nested deeper "
-                              f"than {MAX_DEPTH} levels (a link loop?)")
-                    continue
-                listing = self.entries(folder)
-            except OSError as exc:
-                self.warn(f"could not list {show_name(self.rel(folder))}: {_why(exc)}; its "
-                          f"images are left out")
-                continue
-            below = ancestors | {ident}
-            for _, path, isdir in listing:
-                if isdir:
-                    stack.append((path, below))
-                else:
-                    yield path
-
-
-def _is_store(fs: Any, path: str) -> bool:
-    p = path.rstrip("/")
-    return fs.exists(p + "/zarr.json") or fs.exists(p + "/.zgroup")
-
-
-def scan(url: str, *, exclude_classes: Sequence[str] = (),
-         storage_options: Mapping | None = None) -> Manifest:
-    """List a folder-per-class tree (local path or fsspec URL) into a Manifest.
-
-    Every file that is not read gets a row (the featurize step records why) or a warning:
-    files outside class folders, feature stores, folders that cannot be listed. Names that
-    are not valid UTF-8 are kept, escaped (``deeptransfer.fs.escape_path``).
-    Raises DatasetNotFoundError when the path is missing or holds no class folder with files.
-    """
-    fs, root = dataset_root(url, storage_options)
-    lister = _Lister(fs, root)
-    warnings = lister.warnings
-    try:
-        top_entries = lister.entries(root)
-    except OSError as exc:
-        raise DatasetNotFoundError(
-            f"Cannot list the dataset folder {show_name(url)}: {_why(exc)}.") from None
-    top = {name: path for name, path, isdir in top_entries if isdir}
-    presplit = bool(top) and set(top) <= set(SPLITS)
-    rows: list[tuple[str, str, int]] = []  # (class, path, split code)
-    seen_classes: set[str] = set()
-    if presplit:
-        under = "/, ".join(s for s in SPLITS if s in top) + "/"
-        warnings.extend(f"ignored {show_name(name)}: files must sit in a class folder under "
-                        f"{under}" for name, _, isdir in sorted(top_entries) if not isdir)
-        for s in SPLITS:
-            if s in top:
-                _scan_tree(lister, top[s], SPLITS.index(s), set(exclude_classes), rows,
-                           seen_classes)
-    else:
-        _scan_tree(lister, root, UNASSIGNED, set(exclude_classes), rows, seen_classes,
-                   entries=top_entries)
-    unknown = [c for c in exclude_classes if c not in seen_classes and
-               escape_path(c) not in seen_classes]
-    if unknown:
-        raise InvalidParameterError(
-            f"--exclude-class names no class of this dataset: "
-            f"{', '.join(show_name(c) for c in unknown)}. "
-            f"Classes are folder names, e.g. {sorted(seen_classes)[:5]}.")
-    if not rows:
-        raise DatasetNotFoundError(
-            f"Dataset {show_name(url)} holds no images: expected class folders with image "
-            f"files in them.")
-    classes = sorted({r[0] for r in rows}, key=_natural_key)
-    index = {c: i for i, c in enumerate(classes)}
-    rows.sort(key=lambda r: (index[r[0]], r[2], _natural_key(r[1])))
-    if lister.local:
-        paths = [r[1] for r in rows]
-    else:
-        paths = [fs.unstrip_protocol(r[1]) for r in rows]
-    return Manifest(
-        root=escape_path(url), paths=paths,
-        labels=np.array([index[r[0]] for r in rows], dtype=np.int32),
-        split=np.array([r[2] for r in rows], dtype=np.int8),
-        classes=classes, warnings=warnings, presplit=presplit)
-
-
-def _scan_tree(lister: _Lister, tree: str, code: int, excluded: set[str],
-               rows: list[tuple[str, str, int]], seen_classes: set[str],
-               entries: list[tuple[str, str, bool]] | None = None) -> None:
-    """Add the rows of the class folders of ``tree`` (split ``code``) to ``rows``, and the
-    class names (shown form) to ``seen_classes``; anything left out is a warning."""
-    warn = lister.warn
-    if entries is None:
-        try:
-            entries = lister.entries(tree)
-        except OSError as exc:
-            warn(f"could not list {show_name(lister.rel(tree))}: {_why(exc)}; its images are "
-                 f"left out")
-            return
-    for name, path, isdir in sorted(entries):
-        if not isdir:
-            warn(f"ignored {show_name(lister.rel(path))}: files must sit in a class folder")
-            continue
-        if _is_store(lister.fs, path):  # a feature store written inside the dataset folder
-            warn(f"ignored {show_name(name)}: it is a Zarr store, not a class folder")
-            continue
-        cls = escape_path(name)
-        seen_classes.add(cls)
-        if cls in excluded or name in excluded:  # the shown name, or the raw one
-            continue
-        n_rows, n_warnings = len(rows), len(lister.warnings)
-        files = lister.files(path, above=(lister.root, tree))
-        rows.extend((cls, escape_path(p), code) for p in files)
-        if len(rows) == n_rows and len(lister.warnings) == n_warnings:
-            # class folders with no file at all are reported, not silently dropped
-            warn(f"class folder {show_name(name)} holds no files and is left out")
 
 
 def parse_fractions(text: str) -> dict[str, float]:
@@ -318,15 +142,23 @@ def assign_fractions(manifest: Manifest, fractions: Mapping[str, float], seed: i
     names = [s for s in SPLITS if fractions.get(s, 0) > 0]
     cum = np.cumsum([fractions[s] for s in names])
     split = np.full(len(manifest), UNASSIGNED, dtype=np.int8)
-    for c, cls in enumerate(manifest.classes):
-        idx = np.flatnonzero(manifest.labels == c)
+    for cls, idx in zip(manifest.classes, _class_rows(manifest)):
         idx = idx[_class_rng(seed, cls).permutation(len(idx))]
         bounds = np.concatenate([[0], np.round(cum * len(idx)).astype(int)])
         bounds[-1] = len(idx)
         for k, s in enumerate(names):
             split[idx[bounds[k]:bounds[k + 1]]] = SPLITS.index(s)
-    return Manifest(manifest.root, manifest.paths, manifest.labels, split, manifest.classes,
-                    list(manifest.warnings), presplit=False)
+    return dataclasses.replace(manifest, split=split, warnings=list(manifest.warnings),
+                               presplit=False)
+
+
+def _class_rows(manifest: Manifest) -> list[np.ndarray]:
+    """The rows of each class, in row order (one stable sort: a million rows of a thousand
+    classes are grouped in a fraction of a second, not a pass per class)."""
+    labels = np.asarray(manifest.labels)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(len(manifest.classes) + 1))
+    return [order[bounds[c]:bounds[c + 1]] for c in range(len(manifest.classes))]
 
 
 def assign_per_class(manifest: Manifest, train: int, val: int = 0, seed: int = 0) -> Manifest:
@@ -337,16 +169,14 @@ def assign_per_class(manifest: Manifest, train: int, val: int = 0, seed: int = 0
             f"val={val!r} instead.")
     split = np.full(len(manifest), SPLITS.index("test"), dtype=np.int8)
     warnings = list(manifest.warnings)
-    for c, cls in enumerate(manifest.classes):
-        idx = np.flatnonzero(manifest.labels == c)
+    for cls, idx in zip(manifest.classes, _class_rows(manifest)):
         idx = idx[_class_rng(seed, cls).permutation(len(idx))]
         if len(idx) <= train + val:
             warnings.append(f"class {cls!r} has {len(idx)} images, fewer than {train + val + 1}: "
                             f"it has no test images")
         split[idx[:train]] = SPLITS.index("train")
         split[idx[train:train + val]] = SPLITS.index("val")
-    return Manifest(manifest.root, manifest.paths, manifest.labels, split, manifest.classes,
-                    warnings, presplit=False)
+    return dataclasses.replace(manifest, split=split, warnings=warnings, presplit=False)
 
 
 def _resplit_warning(m: Manifest, flag: str) -> str:
@@ -358,18 +188,22 @@ def _resplit_warning(m: Manifest, flag: str) -> str:
 DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 
 
-def load_dataset(url: str, *, split: str | Mapping[str, float] | None = None,
+def load_dataset(url: Any, *, split: str | Mapping[str, float] | None = None,
                  per_class_train: int | None = None, per_class_val: int = 0,
                  exclude_classes: Sequence[str] = (), seed: int = 0,
                  storage_options: Mapping | None = None) -> Manifest:
-    """Scan and split in one call, the way the CLI and the API do.
+    """Scan and split in one call, the way the CLI and the API do. ``url``: a dataset URL
+    (its source picked by ``deeptransfer.sources.as_source``) or a Source.
 
     A pre-split tree keeps its own splits unless ``split`` or ``per_class_train`` is given
     (which re-splits it, with a warning in ``Manifest.warnings``); otherwise the default is a
     0.7/0.1/0.2 stratified split.
     """
+    from .sources import as_source
+
     _check_split(split, per_class_train)  # before the scan, which may take a while
-    m = scan(url, exclude_classes=exclude_classes, storage_options=storage_options)
+    m = as_source(url, storage_options=storage_options).manifest(
+        exclude_classes=exclude_classes, storage_options=storage_options)
     if m.presplit and (per_class_train is not None or split is not None):
         m.warnings.append(_resplit_warning(m, "--per-class-train" if per_class_train is not None
                                            else "--split"))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import platform
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -43,6 +44,9 @@ class FeaturizeSpec:
     train_views: Any = None  # deeptransfer.augment.TrainViews of the store's view rows
     seed: int = 0  # the store's seed: with the image row and view index, a view's randomness
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # a larger file is skipped, never read
+    #: the deeptransfer.sources.Source of the rows (a small spec, not its listing): a
+    #: worker reads each ref's bytes through it; None: refs are file paths or URLs
+    source: Any = None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -263,6 +267,7 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
                       storage_options: Mapping | None = None,
                       timings: "ChunkResult | None" = None,
                       max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                      read: Callable[[str], bytes] | None = None,
                       ) -> tuple[np.ndarray, list[str]]:
     """Features of each image source, and for each the reason it has none ("" if it has).
 
@@ -272,14 +277,16 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
     through the runner's buffer ``runner.batch_size`` at a time; an unreadable or
     undecodable file, a degenerate image or non-finite features get a reason and a zero row,
     never a failed batch; only regular files of at most ``max_image_bytes`` are read.
-    ``timings`` accumulates read, preprocess and forward seconds.
+    ``timings`` accumulates read, preprocess and forward seconds. ``read``: how a ref (a str
+    source) becomes bytes (a source's ``RefReader.read``; default: read it as a file).
     """
     from .kernels import decode_image
     from .multi_runner import MultiRunner
 
     if isinstance(runner, MultiRunner):  # several backbones: each part runs this loop
         return runner.featurize_sources(sources, views=views, storage_options=storage_options,
-                                        timings=timings, max_image_bytes=max_image_bytes)
+                                        timings=timings, max_image_bytes=max_image_bytes,
+                                        read=read)
     n = len(sources)
     feats = np.zeros((n, *runner.feature_shape), np.float32)
     reasons = [""] * n
@@ -310,6 +317,8 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
                     raise ValueError("no image (null value)")
                 if isinstance(src, (bytes, bytearray, memoryview)):
                     images.append(decode_image(bytes(src), target_short_side=side))
+                elif read is not None:
+                    images.append(decode_image(read(str(src)), target_short_side=side))
                 else:
                     images.append(load_image(str(src), side, storage_options,
                                              max_bytes=max_image_bytes))
@@ -339,6 +348,7 @@ def featurize_views(runner: _Runner, paths: Sequence[str], image_rows: np.ndarra
                     storage_options: Mapping | None = None,
                     timings: "ChunkResult | None" = None,
                     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                    read: Callable[[str], bytes] | None = None,
                     ) -> tuple[np.ndarray, list[str]]:
     """Features of augmented views (``views[r]`` >= 1 of the image of row ``image_rows[r]``,
     read from ``paths[r]``), and for each the reason it has none, as ``featurize_sources``.
@@ -391,8 +401,13 @@ def featurize_views(runner: _Runner, paths: Sequence[str], image_rows: np.ndarra
                 stop += 1
             t0 = time.perf_counter()
             try:  # one decode for the image's views in this chunk
-                img = load_image(str(paths[r]), pp.resize, storage_options,
-                                 max_bytes=max_image_bytes)
+                if read is not None:
+                    from .kernels import decode_image
+
+                    img = decode_image(read(str(paths[r])), target_short_side=pp.resize)
+                else:
+                    img = load_image(str(paths[r]), pp.resize, storage_options,
+                                     max_bytes=max_image_bytes)
             except Exception as exc:  # noqa: BLE001 - as its image: skipped with the reason
                 for q in range(r, stop):
                     reasons[q] = _reason(exc)
@@ -411,6 +426,20 @@ def featurize_views(runner: _Runner, paths: Sequence[str], image_rows: np.ndarra
     return feats, reasons
 
 
+@contextmanager
+def _ref_reader(spec: FeaturizeSpec) -> Iterator[Any]:
+    """The chunk's reader of refs from ``spec.source`` (None: refs are files, read by path)."""
+    src = spec.source
+    if src is None or src.reads_files:
+        yield None
+        return
+    reader = src.reader(spec.options, spec.max_image_bytes)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
 def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
     """Featurize the rows of one chunk and write them, then the chunk's done-marker.
 
@@ -424,15 +453,19 @@ def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
     res = ChunkResult(chunk=chunk, n_ok=0)
     image_rows, views = store.chunk_views(chunk)
     center = np.flatnonzero(views == 0)
-    feats, reasons = featurize_sources(runner, [paths[i] for i in center], views=spec.views,
-                                       storage_options=spec.options, timings=res,
-                                       max_image_bytes=spec.max_image_bytes)
+    with _ref_reader(spec) as reader:  # the source's reader: it keeps its file open
+        read = reader.read if reader is not None else None
+        feats, reasons = featurize_sources(runner, [paths[i] for i in center],
+                                           views=spec.views, storage_options=spec.options,
+                                           timings=res, max_image_bytes=spec.max_image_bytes,
+                                           read=read)
+        if len(center) < len(paths):
+            aug = np.flatnonzero(views != 0)
+            fa, ra = featurize_views(runner, [paths[i] for i in aug], image_rows[aug],
+                                     views[aug], spec.train_views, seed=spec.seed,
+                                     storage_options=spec.options, timings=res,
+                                     max_image_bytes=spec.max_image_bytes, read=read)
     if len(center) < len(paths):
-        aug = np.flatnonzero(views != 0)
-        fa, ra = featurize_views(runner, [paths[i] for i in aug], image_rows[aug], views[aug],
-                                 spec.train_views, seed=spec.seed,
-                                 storage_options=spec.options, timings=res,
-                                 max_image_bytes=spec.max_image_bytes)
         all_feats = np.zeros((len(paths), *runner.feature_shape), np.float32)
         all_reasons = [""] * len(paths)
         all_feats[center], all_feats[aug] = feats, fa
@@ -589,7 +622,7 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
                          batch_size=batch_size, compile=compile, device=device,
                          precision=precision, views=views, max_image_bytes=max_image_bytes,
                          threads=executor.threads_per_worker, keep_maps=keep_maps,
-                         train_views=train_views, seed=seed)
+                         train_views=train_views, seed=seed, source=manifest.source)
     todo_rows = sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in pending)
     bar = None
     if progress is True:
@@ -609,9 +642,11 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
     seconds = time.perf_counter() - t0
     if not store.is_complete():  # pragma: no cover - an engine lost a task without an error
         raise StoreError(f"featurize finished with chunks missing: {store.pending_chunks()}")
-    skipped = store.skipped()
+    refused = store.skipped()
+    skipped = list(manifest.skipped) + refused  # left out while listing, then by the workers
     return FeaturizeReport(
-        store=store_url, images=len(manifest), featurized=len(manifest) - len(skipped),
+        store=store_url, images=len(manifest) + len(manifest.skipped),
+        featurized=len(manifest) - len(refused),
         skipped=skipped, computed_now=todo_rows, seconds=seconds,
         images_per_second=todo_rows / seconds if seconds > 0 else 0.0,
         store_bytes=store_nbytes(store_url, storage_options), engine=executor.name,

@@ -46,6 +46,7 @@ class MultiRunner:
     def featurize_sources(self, sources: Sequence[Any], *, views: str = "center",
                           storage_options: Mapping | None = None, timings: Any = None,
                           max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                          read: Any = None,
                           ) -> tuple[np.ndarray, list[str]]:
         """``featurization.featurize_sources`` for several backbones: a source that any part
         cannot featurize gets that part's reason (the first part's first) and a zero row."""
@@ -68,6 +69,8 @@ class MultiRunner:
                             raise ValueError("no image (null value)")
                         if isinstance(src, (bytes, bytearray, memoryview)):
                             data.append(bytes(src))
+                        elif read is not None:  # a source's reader (a Parquet row, ...)
+                            data.append(read(str(src)))
                         else:
                             data.append(read_bytes(str(src), storage_options,
                                                    max_bytes=max_image_bytes))

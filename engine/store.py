@@ -503,6 +503,8 @@ class FeatureStore:
             "rows": self.n_images,
             "featurized": int((ok & image).sum()),
             "skipped": len(self.skipped()),
+            # rows the source refused while listing (no uri, a null label): not store rows
+            "skipped_at_listing": int((self.attrs.get("listing_skipped") or {}).get("count", 0)),
             "chunks_done": f"{int(done.sum())}/{len(done)}",
             "classes": len(self.classes),
             "splits": {s: int(((split == i) & ok & image).sum()) for i, s in enumerate(SPLITS)},
@@ -578,6 +580,9 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
                 "preprocess": attrs.get("preprocess"), "dtype": dtype,
                 "chunk_rows": chunk_rows, "feature_dim": feature_dim,
                 "maps": len(shape) > 1, "feature_shape": shape, "train_views": views}
+    source = source_identity(manifest)
+    if source:  # a folder's is empty: its stores keep the identity they had before sources
+        identity["source"] = source
     kind = check_store_target(url, overwrite=overwrite, storage_options=storage_options)
     if kind == "store" and not overwrite:
         existing = _try_open(url, storage_options)
@@ -634,7 +639,8 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
             meta = {**dict(attrs), **identity, STORE_ID: uuid.uuid4().hex,
                     "format": FORMAT, "classes": list(manifest.classes),
                     "splits": list(SPLITS), "dataset": manifest.root, "chunk_files": "all",
-                    "dataset_warnings": list(manifest.warnings)}
+                    "dataset_warnings": list(manifest.warnings),
+                    "listing_skipped": _listing_skipped(manifest)}
             # attributes last: a store without them is not yet a store, so an interrupted
             # create is redone rather than resumed
             group.attrs.put(json.loads(jsonutil.dumps(meta)))
@@ -643,6 +649,22 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
     except Exception as exc:
         raise StoreError(f"Cannot write the feature store at {url!r}: {exc}") from exc
     return FeatureStore(url, group, storage_options)
+
+
+def source_identity(manifest: Manifest) -> dict[str, Any]:
+    """The source's description (kind, url, columns) for the store's identity; empty for a
+    folder tree and for manifests made without a source."""
+    src = getattr(manifest, "source", None)
+    return dict(src.describe()) if src is not None else {}
+
+
+#: rows left out while listing that a store's attrs name (the count is always there)
+LISTING_SKIPPED_SHOWN = 1000
+
+
+def _listing_skipped(manifest: Manifest) -> dict[str, Any]:
+    rows = list(getattr(manifest, "skipped", []) or [])
+    return {"count": len(rows), "rows": [list(r) for r in rows[:LISTING_SKIPPED_SHOWN]]}
 
 
 def _try_open(url: str, storage_options: Mapping | None) -> FeatureStore | None:
