@@ -512,6 +512,8 @@ class FeatureStore:
             "view_rows": self.n_rows - self.n_images,
             "model": self.attrs.get("model"),
             "preprocess": self.attrs.get("preprocess"),
+            "backend": self.attrs.get("backend") or "torch",
+            "quantization": self.attrs.get("quantization"),
             "seed": self.attrs.get("seed"),
             "versions": self.attrs.get("versions"),
             "bytes": store_nbytes(self.url, self.storage_options),
@@ -574,7 +576,10 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
     identity = {"manifest_digest": digest, "model": attrs.get("model"),
                 "preprocess": attrs.get("preprocess"), "dtype": dtype,
                 "chunk_rows": chunk_rows, "feature_dim": feature_dim,
-                "maps": len(shape) > 1, "feature_shape": shape, "train_views": views}
+                "maps": len(shape) > 1, "feature_shape": shape, "train_views": views,
+                # the prefix's inference backend and int8 calibration (deeptransfer.backends)
+                "backend": attrs.get("backend", "torch"),
+                "quantization": attrs.get("quantization")}
     kind = check_store_target(url, overwrite=overwrite, storage_options=storage_options)
     if kind == "store" and not overwrite:
         existing = _try_open(url, storage_options)
@@ -583,10 +588,13 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
             mine = {k: existing.attrs.get(k) for k in identity}
             mine["maps"] = existing.maps
             mine["feature_shape"] = list(existing.feature_shape)
+            mine["backend"] = existing.attrs.get("backend") or "torch"  # older stores: torch
             want = json.loads(json.dumps(identity))
             if want == mine:
                 existing.reused = True
                 return existing
+            if (mine["backend"], mine["quantization"]) != (want["backend"], want["quantization"]):
+                raise StoreError(_backend_mismatch(url, mine, want))
             raise StoreError(
                 f"{url!r} already holds features of another dataset or model "
                 f"({', '.join(k for k in identity if mine.get(k) != want[k])} differ). Use "
@@ -639,6 +647,27 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
     except Exception as exc:
         raise StoreError(f"Cannot write the feature store at {url!r}: {exc}") from exc
     return FeatureStore(url, group, storage_options)
+
+
+def _backend_mismatch(url: str, mine: Mapping[str, Any], want: Mapping[str, Any]) -> str:
+    def name(d: Mapping[str, Any]) -> str:
+        q = d.get("quantization")
+        return d["backend"] + (f" int8 ({q.get('images')} calibration images, seed "
+                               f"{q.get('seed')})" if q else "")
+    flag = f"--backend {mine['backend']}" + (" --precision int8" if mine["quantization"] else "")
+    return (f"{url!r} was featurized with backend {name(mine)}, this run asks for "
+            f"{name(want)}: resume it with {flag} (or no --backend), use another store path, "
+            f"or --overwrite to replace it.")
+
+
+def stored_backend(url: str, storage_options: Mapping | None = None) -> str | None:
+    """The backend an existing store was made with (torch for older stores), None if there
+    is no store at ``url``: a resume without --backend keeps the store's."""
+    try:
+        store = _try_open(url, storage_options)
+    except DeeptransferError:
+        return None
+    return None if store is None else (store.attrs.get("backend") or "torch")
 
 
 def _try_open(url: str, storage_options: Mapping | None) -> FeatureStore | None:
