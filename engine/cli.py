@@ -344,6 +344,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     shape = " x ".join(map(str, s["feature_shape"]))
     print(f"{'shape':12s} {shape} per row ({'maps' if s['maps'] else 'pooled vectors'}, "
           f"{_human_bytes(s['bytes_per_row'])} as {s['dtype']} before compression)")
+    q = s.get("quantization")
+    print(f"{'backend':12s} {s.get('backend', 'torch')}" + (
+        f", int8 ({q['images']} calibration images of the training split, seed {q['seed']}: "
+        f"{q['method']})" if q else ""))
     tv = s["train_views"]
     if tv.get("k"):
         print(f"{'train views':12s} {tv['k']} per training image ({s['view_rows']} rows; "

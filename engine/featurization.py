@@ -118,6 +118,8 @@ class _Runner:
 
         #: the compiled prefix (deeptransfer.backends): built here, once per worker process
         self.backend = runner_backend(self, spec)
+        if self.backend.name != "torch":  # the compiled network holds its own weights
+            self.module = self.backbone = None
 
     def forward(self, n: int, views: str = "center") -> np.ndarray:
         """Features of the first ``n`` images in the buffer (the rest is padding), averaged

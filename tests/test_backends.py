@@ -198,6 +198,8 @@ def test_cli_featurize_backend_flag(photos, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "backend      onnxruntime" in out
     assert open_store(str(store)).attrs["backend"] == "onnxruntime"
+    assert main(["info", str(store)]) == 0
+    assert "backend      onnxruntime" in capsys.readouterr().out
     assert main(["info", str(store), "--json"]) == 0
     assert '"backend": "onnxruntime"' in capsys.readouterr().out
     assert main(["featurize", photos, str(store), "--backend", "torch", "--workers",
