@@ -166,7 +166,11 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         info = get_model_info(self.getModelName())
         layer = resolve_layer(info, self.getLayer())
         model = ModelSpec(name=self.getModelName(), layer=layer, weights=self.getWeights())
-        return FeaturizeSpec(store_url="", model=model, batch_size=self.getBatchSize())
+        from deeptransfer.backends import default_backend
+
+        # featurize's default backend, so the transformer gives a default store's rows
+        return FeaturizeSpec(store_url="", model=model, batch_size=self.getBatchSize(),
+                             backend=default_backend())
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         in_col = _check_image_column(dataset, self.getInputCol(), "DeepImageFeaturizer")

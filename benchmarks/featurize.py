@@ -1,6 +1,16 @@
 """Featurize benchmark: forward-only compute limit vs end-to-end local featurize, in one run.
 
     python benchmarks/featurize.py ../shared/datasets/caltech101 [--limit N] [--json]
+        [--backend NAME|best] [--precision int8] [--ray]
+
+Per inference backend (torch, openvino, onnxruntime; deeptransfer.backends) it prints the
+forward-only limit (one process, every core, ready tensors, the best batch size) and the
+end-to-end throughput of `deeptransfer featurize --backend NAME` on the same images, each as a
+ratio to torch's forward-only limit. ``--backend best`` (default) runs every installed
+backend end to end and reports the fastest; ``--precision int8`` adds the int8 prefix
+(openvino) end to end, with the LogisticRegression probe accuracy of every store's features
+(train/test halves of the images, the same for all) against torch's; ``--ray`` runs the Ray
+Data peer (benchmarks/peers.py) on the same images and prints the ratio to it.
 
 Prints, from one run on the same images:
 - the forward-only throughput of the model on ready tensors (the compute limit): eager and
@@ -162,6 +172,66 @@ def make_module(model: str, layer: str | None, compiled: bool):
     return (torch.compile(bb, dynamic=False) if compiled else bb), bb.preprocess
 
 
+def backend_forward_ips(backend: str, model: str, layer: str | None, batch: np.ndarray,
+                        seconds: float, threads: int, precision: str = "auto",
+                        calibration=()) -> float:
+    """Images/s of a compiled backend (deeptransfer.backends) on a ready NHWC batch."""
+    from deeptransfer.backends import build_backend
+
+    module, pp = make_module(model, layer, False)
+    be = build_backend(backend, module, batch_size=batch.shape[0], crop=pp.crop,
+                       threads=threads, precision=precision, calibration=calibration)
+    for _ in range(3):
+        be.run(batch)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        be.run(batch)
+        n += batch.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def probe_accuracy(store: str, seed: int = 0) -> float | None:
+    """Test accuracy of a LogisticRegression on the store's train rows (None: no sklearn)."""
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+    except ImportError:
+        return None
+    from deeptransfer.store import open_store
+
+    st = open_store(store)
+    xs, ys = {}, {}
+    for split in ("train", "test"):
+        rows = st.split_rows(split)
+        xs[split], ys[split] = st.read_rows(rows)
+    scaler = StandardScaler().fit(xs["train"])
+    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+    clf.fit(scaler.transform(xs["train"]), ys["train"])
+    return float((clf.predict(scaler.transform(xs["test"])) == ys["test"]).mean())
+
+
+def run_cli_featurize(data: str, store: str, args, backend: str, precision: str = "auto"
+                      ) -> tuple[dict, int]:
+    """`deeptransfer featurize` in a fresh process, as a user runs it; (report, peak RSS)."""
+    cmd = [sys.executable, "-m", "deeptransfer", "featurize", data, store, "--model",
+           args.model, "--json", "--backend", backend, "--split", "train=0.5,test=0.5"]
+    cmd += ["--precision", precision] if precision != "auto" else []
+    cmd += ["--layer", args.layer] if args.layer else []
+    cmd += ["--workers", str(args.workers)] if args.workers else []
+    for c in args.exclude_class if data == args.dataset else ():  # a subset has no such folder
+        cmd += ["--exclude-class", c]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with PeakRSS(pid=proc.pid) as rss:  # the featurize job's tree only, not this process
+        stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"featurize --backend {backend} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]), rss.peak
+
+
+def _acc(a: float | None) -> str:
+    return "n/a" if a is None else f"{a:.4f}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dataset")
@@ -172,12 +242,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-sizes", default="8,16,32,64")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
     ap.add_argument("--seconds", type=float, default=4.0, help="timing window per forward config")
+    ap.add_argument("--backend", default="best",
+                    help="torch, openvino, onnxruntime, or best: every installed one")
+    ap.add_argument("--precision", default="float32", choices=["float32", "int8"],
+                    help="int8: also the int8 openvino prefix, with its probe accuracy")
+    ap.add_argument("--ray", action="store_true", help="also the Ray Data peer (peers.py)")
     ap.add_argument("--exclude-class", action="append", default=[])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     import torch
 
+    from deeptransfer.backends import BACKENDS, backend_available
     from deeptransfer.dataset import load_dataset
 
     cores = os.cpu_count() or 1
@@ -190,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     sample = decoded_images(manifest.paths[: min(256, n)], pp.resize)
     out: dict = {"model": args.model, "images": n, "cores": cores,
                  "malloc_tunables": os.environ.get("GLIBC_TUNABLES") == TUNABLES}
+    backends = [b for b in BACKENDS if backend_available(b)] if args.backend == "best" \
+        else ["torch"] + ([args.backend] if args.backend != "torch" else [])
 
     # 1. kernels
     out.update(bench_kernel(sample[:128], pp))
@@ -197,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{out['reference_ms_per_image']:.3f} ms/img PIL+NumPy -> {out['kernel_speedup']:.2f}x",
           flush=True)
 
-    # 2. forward-only limit: every candidate, the fastest taken
+    # 2. forward-only limits: every candidate of every backend, the fastest of each taken
     from deeptransfer.kernels import resize_crop_normalize
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -214,55 +292,96 @@ def main(argv: list[str] | None = None) -> dict:
         for b in sizes:
             ips = forward_ips(module, ready[:b], args.seconds)
             candidates[(mode, b)] = ips
-            print(f"forward {mode:8s} batch {b:3d}: {ips:7.1f} img/s", flush=True)
+            print(f"forward torch {mode:8s} batch {b:3d}: {ips:7.1f} img/s", flush=True)
         if mode == "compiled":
             out["compile_and_measure_seconds"] = time.perf_counter() - t0
     (best_mode, best_b), best = max(candidates.items(), key=lambda kv: kv[1])
-    out["forward_candidates"] = {f"{m}/{b}": round(v, 1) for (m, b), v in candidates.items()}
+    out["forward_candidates"] = {f"torch/{m}/{b}": round(v, 1) for (m, b), v in candidates.items()}
+    other_best: dict[str, tuple[int, float]] = {}
+    for name in [b for b in backends if b != "torch"]:
+        per = {}
+        for b in sizes:
+            per[b] = backend_forward_ips(name, args.model, args.layer, ready[:b], args.seconds,
+                                         cores)
+            out["forward_candidates"][f"{name}/{b}"] = round(per[b], 1)
+            print(f"forward {name:14s} batch {b:3d}: {per[b]:7.1f} img/s", flush=True)
+        bb = max(per, key=per.get)
+        other_best[name] = (bb, per[bb])
 
-    # 3. end-to-end, bracketed by the best forward configuration again. The run is the real
-    # CLI in a fresh process (its peak RSS is then the job's, not this benchmark's), on the
-    # same images: a folder of links to them when --limit picks a subset.
+    # 3. end-to-end per backend, bracketed by torch's best forward configuration again. The
+    # run is the real CLI in a fresh process (its peak RSS is then the job's, not this
+    # benchmark's), on the same images: a folder of links to them when --limit picks a subset.
     before = forward_ips(compiled_modules[best_mode], ready[:best_b], args.seconds)
     work = tempfile.mkdtemp(prefix="dt-bench-")
     data = link_subset(manifest, os.path.join(work, "data")) if n < args.full_n else args.dataset
-    # deeptransfer as a user runs it: the CLI's defaults (eager, batch 16, one single-threaded
-    # worker per core). The limit above is the best of every single-process configuration.
-    cmd = [sys.executable, "-m", "deeptransfer", "featurize", data, os.path.join(work, "f.zarr"),
-           "--model", args.model, "--json"]
-    cmd += ["--layer", args.layer] if args.layer else []
-    cmd += ["--workers", str(args.workers)] if args.workers else []
-    for c in args.exclude_class if data == args.dataset else ():  # a subset has no such folder
-        cmd += ["--exclude-class", c]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with PeakRSS(pid=proc.pid) as rss:  # the featurize job's tree only, not this process
-        stdout, stderr = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"featurize failed:\n{stderr[-3000:]}")
-    rep = json.loads(stdout.strip().splitlines()[-1])
-    e2e_seconds = rep["seconds"]
+    runs = [(b, "auto") for b in backends]
+    if args.precision == "int8" and backend_available("openvino"):
+        runs.append(("openvino", "int8"))
+    e2e: dict[str, dict] = {}
+    for name, precision in runs:
+        key = name if precision == "auto" else f"{name}-int8"
+        store = os.path.join(work, f"{key}.zarr")
+        rep, peak = run_cli_featurize(data, store, args, name, precision)
+        e2e[key] = {"end_to_end_ips": n / rep["seconds"], "end_to_end_seconds": rep["seconds"],
+                    "featurized": rep["featurized"], "skipped": len(rep["skipped"]),
+                    "peak_rss_mb": peak / 2**20, "store_bytes": rep["store_bytes"],
+                    "probe_accuracy": probe_accuracy(store)}
+        print(f"end-to-end featurize --backend {key}: {e2e[key]['end_to_end_ips']:.1f} img/s "
+              f"({rep['seconds']:.1f} s, peak RSS {e2e[key]['peak_rss_mb']:.0f} MB, probe "
+              f"accuracy {e2e[key]['probe_accuracy']})", flush=True)
     after = forward_ips(compiled_modules[best_mode], ready[:best_b], args.seconds)
     limit = statistics.median([best, before, after])
+    limits = {"torch": limit, **{k: v[1] for k, v in other_best.items()}}
+    for rec in e2e.values():
+        rec["ratio"] = rec["end_to_end_ips"] / limit
+    if "torch" in e2e and e2e["torch"]["probe_accuracy"] is not None:
+        for rec in e2e.values():
+            rec["probe_delta_points_vs_torch"] = 100 * (rec["probe_accuracy"]
+                                                       - e2e["torch"]["probe_accuracy"])
+    fp32 = {k: v for k, v in e2e.items() if not k.endswith("-int8")}
+    chosen = max(fp32, key=lambda k: fp32[k]["end_to_end_ips"]) if args.backend == "best" \
+        else args.backend
     out.update({
-        "forward_best_config": f"{best_mode}/batch {best_b}",
-        "forward_limit_ips": limit,
-        "forward_limit_samples_ips": [best, before, after],
-        "end_to_end_ips": n / e2e_seconds,
-        "end_to_end_seconds": e2e_seconds,
-        "ratio": (n / e2e_seconds) / limit,
-        "featurized": rep["featurized"],
-        "skipped": len(rep["skipped"]),
-        "peak_rss_mb": rss.peak / 2**20,
-        "store_bytes": rep["store_bytes"],
+        "backend": chosen,
+        "end_to_end_ips": e2e[chosen]["end_to_end_ips"],
+        "torch_forward_limit_ips": limit,
+        "torch_forward_best_config": f"{best_mode}/batch {best_b}",
+        "torch_forward_limit_samples_ips": [best, before, after],
+        "forward_limit_ips": limits,
+        "forward_best_batch": {"torch": best_b, **{k: v[0] for k, v in other_best.items()}},
+        "ratio": e2e[chosen]["end_to_end_ips"] / limit,
+        "per_backend": e2e,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in e2e.values()),
     })
-    print(f"forward-only limit ({out['forward_best_config']}): {limit:.1f} img/s "
-          f"(samples {', '.join(f'{v:.1f}' for v in out['forward_limit_samples_ips'])})")
-    print(f"end-to-end local featurize: {out['end_to_end_ips']:.1f} img/s "
-          f"({n} images in {e2e_seconds:.1f} s, {rep['featurized']} featurized, "
-          f"{len(rep['skipped'])} skipped; worker start-up and model build included)")
-    print(f"ratio end-to-end / forward limit: {out['ratio']:.3f}")
+    if args.ray:
+        import peers
+
+        startup = peers.start_ray(args.workers or cores)
+        try:
+            r = peers.featurize_ray(manifest.paths, os.path.join(work, "ray.parquet"),
+                                    model=args.model, workers=args.workers or cores)
+        finally:
+            import ray
+
+            ray.shutdown()
+        out["ray_data"] = {"startup_seconds": startup, "seconds": r["seconds"],
+                           "images": r["images"], "ips": r["images"] / r["seconds"],
+                           "ratio_best_to_ray": out["end_to_end_ips"] / (r["images"] / r["seconds"])}
+        print(f"Ray Data peer (read_binary_files + map_batches on {args.workers or cores} "
+              f"actors): {out['ray_data']['ips']:.1f} img/s ({r['seconds']:.1f} s; ray.init "
+              f"{startup:.1f} s apart); best backend / Ray: {out['ray_data']['ratio_best_to_ray']:.2f}x")
+    print(f"torch forward-only limit ({out['torch_forward_best_config']}): {limit:.1f} img/s "
+          f"(samples {', '.join(f'{v:.1f}' for v in out['torch_forward_limit_samples_ips'])})")
+    for name, ips in limits.items():
+        print(f"forward-only limit {name:12s}: {ips:7.1f} img/s ({ips / limit:.2f}x torch's)")
+    for key, rec in e2e.items():
+        delta = rec.get("probe_delta_points_vs_torch")
+        print(f"end-to-end {key:16s}: {rec['end_to_end_ips']:7.1f} img/s = {rec['ratio']:.2f}x "
+              f"torch's forward limit; probe accuracy {_acc(rec['probe_accuracy'])}"
+              + (f" ({delta:+.2f} points vs torch)" if delta is not None else ""))
+    print(f"best: --backend {chosen}, ratio end-to-end / torch forward limit: {out['ratio']:.3f}")
     print(f"kernel speed-up vs PIL + NumPy: {out['kernel_speedup']:.2f}x")
-    print(f"peak RSS of the featurize job (driver + workers): {out['peak_rss_mb']:.0f} MB")
+    print(f"peak RSS of a featurize job (driver + workers): {out['peak_rss_mb']:.0f} MB")
     if args.json:
         print(jsonutil.dumps(out))
     return out

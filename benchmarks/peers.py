@@ -12,6 +12,12 @@
   ``spark.read.format("binaryFile")`` DataFrame: the predict function decodes the bytes with
   PIL, preprocesses the same way and runs the same backbone (batch 32); the features are
   written to Parquet (the counterpart of the Zarr store).
+- ``featurize_ray``: Ray Data's route for batch inference, as its docs write it:
+  ``ray.data.read_binary_files`` (the files' bytes; ``read_images`` resizes to a fixed size,
+  not the short side) and ``map_batches`` with a callable class (decode with PIL, the same
+  preprocessing, the same backbone, one torch thread) on an ``ActorPoolStrategy`` of one
+  actor per core, batch 32, features written to Parquet; ``ray.init`` is timed apart
+  (``start_ray``). ``ray`` is a benchmarks extra only, never a dependency of deeptransfer.
 - ``run_forward_limit``: the forward-only compute limit, measured with benchmarks/featurize.py's
   ``make_module`` + ``forward_ips`` on ready tensors (eager, channels_last, best of batch 8/16).
 
@@ -299,3 +305,61 @@ def forward_limit(paths: Sequence[str], model: str = "efficientnet_lite0",
     return {"forward_ips": per_batch[best_b], "best_batch": best_b,
             "per_batch_ips": {str(k): v for k, v in per_batch.items()},
             "model_build_seconds": build_s, "threads": torch.get_num_threads()}
+
+
+# -- peer (d): Ray Data's read_binary_files + map_batches on an actor pool ---------------------
+
+def start_ray(workers: int) -> float:
+    """``ray.init`` on this machine only (loopback, no dashboard); its seconds."""
+    import ray
+
+    t0 = time.perf_counter()
+    # one logical CPU more than the actors take: Ray Data's read and write tasks need a slot
+    # of their own, or the pool of one actor per core waits forever for its input
+    ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", object_store_memory=512 * 2**20,
+             configure_logging=False,
+             # the actors unpickle the callable class from this module: its folder on their path
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 [HERE, *filter(None, [os.environ.get("PYTHONPATH")])])}})
+    return time.perf_counter() - t0
+
+
+def _ray_embedder(model: str, threads: int):
+    class Embed:
+        """One actor: the backbone built once, then decode + preprocess + forward per batch."""
+
+        def __init__(self) -> None:
+            import torch
+
+            torch.set_num_threads(threads)
+            self.module, self.pp = user_backbone(model)
+
+        def __call__(self, batch: dict) -> dict:
+            import torch
+            from PIL import Image
+
+            pp = self.pp
+            x = np.stack([pil_preprocess(Image.open(io.BytesIO(b)), pp.resize, pp.crop,
+                                         pp.mean, pp.std) for b in batch["bytes"]])
+            with torch.inference_mode():
+                feats = self.module(torch.from_numpy(x)).numpy()
+            return {"path": batch["path"], "features": list(feats)}
+
+    return Embed
+
+
+def featurize_ray(paths: Sequence[str], out_dir: str, *, model: str = "efficientnet_lite0",
+                  workers: int = 2, batch_size: int = 32, threads: int = 1) -> dict[str, Any]:
+    """read_binary_files -> map_batches(Embed, ActorPoolStrategy(workers)) -> Parquet; the
+    job's seconds (actor start-up and model build included, ``ray.init`` not) and rows."""
+    import ray
+
+    t0 = time.perf_counter()
+    ds = ray.data.read_binary_files(list(paths), include_paths=True)
+    ds = ds.map_batches(_ray_embedder(model, threads), batch_size=batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+    ds.write_parquet(out_dir)
+    seconds = time.perf_counter() - t0
+    rows = ray.data.read_parquet(out_dir).count()
+    return {"seconds": seconds, "images": rows}

@@ -58,7 +58,9 @@ def featurize(dataset: Any = None, store: str | None = None, *,
               storage_options: Mapping | None = None, progress: Any = True,
               source: Any = None, uri_column: str | None = None,
               label_column: str | None = None, split_column: str | None = None,
-              image_column: str | None = None) -> FeaturizeReport:
+              image_column: str | None = None,
+              backend: str | None = None,
+              calibration_images: int | None = None) -> FeaturizeReport:
     """Push every image of ``dataset`` once through a frozen pretrained CNN into ``store``.
 
     ``dataset`` is a folder (local or fsspec URL) with one sub-folder of images per class, or
@@ -81,7 +83,11 @@ def featurize(dataset: Any = None, store: str | None = None, *,
     K seeded augmented views (random-resized crop + flip) of every training image as extra
     rows; training draws one per image per epoch, evaluation uses the images' own rows.
     Resumable: a rerun computes only the chunks a killed run left unfinished. ``device``
-    defaults to the engine's (``cuda`` on dask-cuda, else ``cpu``).
+    defaults to the engine's (``cuda`` on dask-cuda, else ``cpu``). ``backend``: the frozen
+    network's inference runtime, ``"torch"``, ``"openvino"`` or ``"onnxruntime"`` (None:
+    the store's own on a resume, else the measured default, see deeptransfer.backends);
+    ``precision="int8"`` quantizes it (openvino / onnxruntime), calibrated on
+    ``calibration_images`` (128) seeded training images.
     """
     refuse_start_while_bootstrapping()  # a job in a script without a __main__ guard
     from .dataset import check_dataset_options, load_dataset
@@ -112,6 +118,11 @@ def featurize(dataset: Any = None, store: str | None = None, *,
                              precision=precision, views=views, device=device, seed=seed,
                              per_class_val=per_class_val, per_class_train=per_class_train,
                              train_views=train_views)
+    if backend is not None or precision == "int8":  # a missing extra: one line, no engine
+        from .backends import check_backend
+
+        check_backend(backend or "openvino", precision=precision, device=device or "cpu",
+                      compile=compile)
     check_dataset_options(src, split=split, per_class_train=per_class_train,
                           storage_options=storage_options)
     # a foreign folder, the dataset itself or a store another job writes: refused up front
@@ -142,6 +153,7 @@ def featurize(dataset: Any = None, store: str | None = None, *,
                              split_config=split_config, storage_options=storage_options,
                              max_image_bytes=max_image_bytes, overwrite=overwrite,
                              keep_maps=keep_maps, train_views=train_views,
+                             backend=backend, calibration_images=calibration_images,
                              progress=progress)
 
 
@@ -168,7 +180,8 @@ def _check_featurize_options(*, batch_size: int, chunk_rows: int, max_image_byte
     check_int("train_views", train_views, low=0, high=127, where=w)
     if dtype is not None:
         check_choice("dtype", dtype, ("float32", "float16"), where=w)
-    check_choice("precision", precision, ("auto", "float32", "bfloat16", "float16"), where=w)
+    check_choice("precision", precision, ("auto", "float32", "bfloat16", "float16", "int8"),
+                 where=w)
     check_choice("views", views, VIEWS, where=w)
     if device is not None:
         import torch

@@ -66,6 +66,9 @@ def model_files(*, params: Mapping[str, np.ndarray], head_config: Mapping[str, A
         "metrics": dict(metrics or {}),
         "features_store": store_attrs.get("store_url"),
         "versions": store_attrs.get("versions", {}),
+        # the inference backend that made the training features: predict runs the same
+        "backend": store_attrs.get("backend") or "torch",
+        "quantization": store_attrs.get("quantization"),
     }
     return {HEAD: head,
             CONFIG: jsonutil.dumps(config, indent=2, default=_jsonable).encode("utf-8")}
@@ -185,6 +188,8 @@ class TransferModel:
                 int(x) for x in self.config.get("feature_shape") or (self.feature_dim,))
             self.feature_dtype = str(self.config.get("feature_dtype") or "float32")
             self.suffix = SuffixSpec.from_dict(self.config.get("suffix"))
+            #: the backend of the store it was trained on (models saved before: torch)
+            self.backend = str(self.config.get("backend") or "torch")
             self._check_shapes(cfg_path)
         except DeeptransferError:
             raise
@@ -262,15 +267,24 @@ class TransferModel:
         return out
 
     # -- images -> probabilities ---------------------------------------------------------------
-    def runner(self, batch_size: int = 16) -> Any:
-        """The process's featurize runner for this model's prefix (the one worker cache)."""
+    def runner(self, batch_size: int = 16, backend: str | None = None) -> Any:
+        """The process's featurize runner for this model's prefix (the one worker cache).
+
+        ``backend``: None runs the prefix on the backend of the store the model was trained
+        on (float32 even for an int8 store: its calibration sample is the store's, not
+        here), torch if that one is not installed here."""
+        from .backends import backend_available, check_backend
         from .featurization import FeaturizeSpec, get_runner
 
+        if backend is None:
+            backend = self.backend if backend_available(self.backend) else "torch"
+        check_backend(backend)
         return get_runner(FeaturizeSpec(store_url="", model=self.spec, batch_size=batch_size,
-                                        keep_maps=self.maps))
+                                        keep_maps=self.maps, backend=backend))
 
     def predict_proba_sources(self, sources: Sequence[Any], *, batch_size: int = 16,
-                              storage_options: Mapping | None = None
+                              storage_options: Mapping | None = None,
+                              backend: str | None = None
                               ) -> tuple[np.ndarray, list[str]]:
         """Class probabilities of image sources (paths, fsspec URLs or encoded bytes, as
         ``featurization.featurize_sources`` takes them) and, for each, why it has none ("" if
@@ -279,7 +293,7 @@ class TransferModel:
         the memory stays bounded however many there are."""
         from .featurization import featurize_sources
 
-        runner = self.runner(batch_size)
+        runner = self.runner(batch_size, backend)
         probs = np.zeros((len(sources), len(self.classes)), np.float32)
         reasons: list[str] = []
         step = max(self.ROWS_PER_PASS, batch_size)
@@ -293,15 +307,18 @@ class TransferModel:
         return probs, reasons
 
     def predict(self, paths: Sequence[str] | str, *, top_k: int = 5, batch_size: int = 16,
-                storage_options: Mapping | None = None) -> list[Prediction]:
-        """Classify image files (paths or fsspec URLs); bad files get an ``error``, not a crash."""
+                storage_options: Mapping | None = None,
+                backend: str | None = None) -> list[Prediction]:
+        """Classify image files (paths or fsspec URLs); bad files get an ``error``, not a crash.
+        ``backend``: the prefix's inference backend (None: the training store's)."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [str(paths)]
         check_int("top_k", top_k, low=1, where="predict")
         k = min(top_k, len(self.classes))
         probs, reasons = self.predict_proba_sources([str(p) for p in paths],
                                                     batch_size=batch_size,
-                                                    storage_options=storage_options)
+                                                    storage_options=storage_options,
+                                                    backend=backend)
         out: list[Prediction] = []
         for i, p in enumerate(paths):
             if reasons[i]:

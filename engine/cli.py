@@ -247,6 +247,18 @@ def _parser() -> argparse.ArgumentParser:
                         "training image, stored as extra rows; training draws one view per "
                         "image per epoch (default: 0, none)")
     f.add_argument("--compile", action="store_true", help="torch.compile the network")
+    f.add_argument("--backend", default=None, choices=["torch", "openvino", "onnxruntime"],
+                   help="inference runtime of the frozen network (default: the store's own "
+                        "on a resume, else openvino, measured fastest on CPUs; torch if "
+                        "openvino is not installed)")
+    f.add_argument("--precision", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="int8: static post-training quantization of the frozen network "
+                        "(openvino/onnxruntime), calibrated on --calibration-images seeded "
+                        "training images and recorded in the store; bfloat16/float16: CUDA "
+                        "autocast (torch)")
+    f.add_argument("--calibration-images", type=_int_type(1), default=None, metavar="N",
+                   help="training images that calibrate --precision int8 (default: 128)")
     f.add_argument("--views", default="center", choices=["center", "center+flip"],
                    help="center+flip: average the features of each image and its mirror (2x compute)")
     f.add_argument("--device", default=None,
@@ -290,6 +302,11 @@ def _print_featurize(rep: Any, as_json: bool) -> None:
     what = f"{shape} maps" if shape else f"{rep.feature_dim}-d"
     print(f"model        {rep.model['name']} @ {rep.model['layer']} ({what}), engine {rep.engine}")
     print(f"images       {rep.images}: {rep.featurized} featurized, {len(rep.skipped)} skipped")
+    quant = getattr(rep, "quantization", None)
+    if getattr(rep, "backend", None):
+        print(f"backend      {rep.backend}" + (f", int8 calibrated on {quant['images']} "
+                                               f"training images (seed {quant['seed']})"
+                                               if quant else ""))
     if rep.train_views:
         print(f"train views  {rep.train_views} per training image ({rep.view_rows} rows)")
     if _reused(rep):
@@ -324,7 +341,9 @@ def cmd_featurize(args: argparse.Namespace) -> int:
                     keep_maps=args.keep_maps, train_views=args.train_views,
                     progress=not args.json, source=args.source, uri_column=args.uri_column,
                     label_column=args.label_column, split_column=args.split_column,
-                    image_column=args.image_column)
+                    image_column=args.image_column,
+                    backend=args.backend, precision=args.precision,
+                    calibration_images=args.calibration_images)
     _print_featurize(rep, args.json)
     return 0
 
@@ -342,6 +361,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     shape = " x ".join(map(str, s["feature_shape"]))
     print(f"{'shape':12s} {shape} per row ({'maps' if s['maps'] else 'pooled vectors'}, "
           f"{_human_bytes(s['bytes_per_row'])} as {s['dtype']} before compression)")
+    q = s.get("quantization")
+    print(f"{'backend':12s} {s.get('backend', 'torch')}" + (
+        f", int8 ({q['images']} calibration images of the training split, seed {q['seed']}: "
+        f"{q['method']})" if q else ""))
     tv = s["train_views"]
     if tv.get("k"):
         print(f"{'train views':12s} {tv['k']} per training image ({s['view_rows']} rows; "
@@ -460,6 +483,9 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--output", default=None, metavar="FILE",
                    help="write the predictions to FILE instead: .jsonl (one JSON object per "
                         "line) or .csv; an existing file is never overwritten (default: stdout)")
+    p.add_argument("--backend", default=None, choices=["torch", "openvino", "onnxruntime"],
+                   help="inference runtime of the frozen network (default: the one that made "
+                        "the training store's features)")
 
     x = command("export", help="export the model (backbone, tuned suffix, head) for serving")
     x.add_argument("model_dir", help="model directory made by `deeptransfer train`")
@@ -652,7 +678,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     fmt = _output_format(args.output) if args.output else None
     images = expand_images(args.images)
-    preds = load(args.model_dir).predict(images, top_k=args.top_k)
+    preds = load(args.model_dir).predict(images, top_k=args.top_k, backend=args.backend)
     failed = sum(p.error is not None for p in preds)
     if fmt is not None:
         _write_predictions(args.output, fmt, preds)

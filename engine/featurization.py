@@ -47,6 +47,10 @@ class FeaturizeSpec:
     #: the deeptransfer.sources.Source of the rows (a small spec, not its listing): a
     #: worker reads each ref's bytes through it; None: refs are file paths or URLs
     source: Any = None
+    # the inference backend of the frozen prefix (deeptransfer.backends), resolved by the
+    # driver; with precision "int8", the calibration sample's image paths (seeded, train split)
+    backend: str = "torch"
+    calibration: tuple = ()
 
     @property
     def options(self) -> dict[str, Any]:
@@ -114,12 +118,20 @@ class _Runner:
         else:
             self.buffer = np.zeros(shape, np.float32)
         self.lock = threading.Lock()
+        from .backends.calibration import runner_backend
+
+        #: the compiled prefix (deeptransfer.backends): built here, once per worker process
+        self.backend = runner_backend(self, spec)
+        if self.backend.name != "torch":  # the compiled network holds its own weights
+            self.module = self.backbone = None
 
     def forward(self, n: int, views: str = "center") -> np.ndarray:
         """Features of the first ``n`` images in the buffer (the rest is padding), averaged
         over ``views`` (see ``view_features``)."""
         import torch
 
+        if self.backend.name != "torch":  # OpenVINO / ONNX Runtime: the NHWC buffer as it is
+            return self.backend.features(self.buffer, views)[:n]
         with torch.inference_mode():
             x = torch.from_numpy(self.buffer).permute(0, 3, 1, 2)
             if self.device.type == "cuda":
@@ -145,7 +157,9 @@ def get_runner(spec: FeaturizeSpec) -> _Runner:
 
         return get_multi_runner(spec)  # type: ignore[return-value]
     parts = (spec.model, spec.keep_maps, spec.batch_size, spec.compile, spec.device,
-             spec.precision)
+             spec.precision, spec.backend, spec.calibration,
+             # a compiled backend's threads are fixed when it is built (torch's are set per task)
+             spec.threads if spec.backend != "torch" else None)
     return worker_state.get(RUNNERS, parts, lambda: _Runner(spec))
 
 
@@ -508,6 +522,9 @@ class FeaturizeReport:
     #: augmented views per training image, and the rows they take after the images
     train_views: int = 0
     view_rows: int = 0
+    #: the frozen prefix's inference backend, and its int8 calibration (None: float)
+    backend: str = "torch"
+    quantization: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -532,7 +549,8 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
                   views: str = "center", seed: int = 0, split_config: Mapping[str, Any] | None = None,
                   storage_options: Mapping | None = None,
                   max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, overwrite: bool = False,
-                  keep_maps: bool = False, train_views: int = 0,
+                  keep_maps: bool = False, train_views: int = 0, backend: str | None = None,
+                  calibration_images: int | None = None,
                   progress: bool | Callable[[ChunkResult], None] = True) -> FeaturizeReport:
     """Create (or resume) the store for ``manifest`` and featurize its unfinished chunks.
 
@@ -541,6 +559,10 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
     global average. ``dtype``: None is float16 for maps (half the bytes; the maps feed a
     trained suffix, not a linear head), float32 for vectors. ``train_views``: K seeded
     augmented views of every training image as extra rows (see deeptransfer.augment).
+    ``backend``: the frozen prefix's inference backend (deeptransfer.backends); None resumes
+    a store with its own, else the measured default (torch if that one is not installed).
+    ``precision="int8"`` (openvino / onnxruntime) quantizes the prefix, calibrated on
+    ``calibration_images`` seeded training images (recorded in the store's attrs).
     """
     device = device or executor.default_device
     from .augment import TrainViews
@@ -550,7 +572,8 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
     check_int("batch_size", batch_size, low=1, where="featurize")
     check_int("chunk_rows", chunk_rows, low=1, where="featurize")
     check_int("max_image_bytes", max_image_bytes, low=1, where="featurize")
-    check_choice("precision", precision, ("auto", "float32", "bfloat16", "float16"), where="featurize")
+    check_choice("precision", precision, ("auto", "float32", "bfloat16", "float16", "int8"),
+                 where="featurize")
     check_choice("views", views, VIEWS, where="featurize")
     check_int("train_views", train_views, low=0, high=127, where="featurize")  # int8 view index
     dtype = dtype or ("float16" if keep_maps else "float32")
@@ -580,6 +603,11 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
 
     attrs.update(store_attrs(mspec, views))  # several backbones: each part's preprocessing
     mark_resample_kernel(attrs["preprocess"])
+    backend_attrs, calibration, warning = _backend_choice(
+        backend, store_url, storage_options, manifest, resume=not overwrite,
+        device=device, precision=precision,
+        compile=compile, seed=seed, batch_size=batch_size, n_calibration=calibration_images)
+    attrs.update(backend_attrs)
     t0 = time.perf_counter()
     # refused before anything is written: a file, a foreign folder, the dataset itself
     check_store_target(store_url, dataset=manifest.root, overwrite=overwrite,
@@ -592,7 +620,8 @@ def run_featurize(executor: Executor, manifest: Manifest, store_url: str, *, mod
                                  max_image_bytes=max_image_bytes, seed=seed,
                                  feature_shape=feature_shape, train_views=tv,
                                  storage_options=storage_options, overwrite=overwrite,
-                                 progress=progress)
+                                 backend=backend_attrs["backend"], calibration=calibration,
+                                 backend_warning=warning, progress=progress)
 
 
 def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, mspec: Any,
@@ -600,7 +629,8 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
                       dtype: str, chunk_rows: int, compile: bool, device: str, precision: str,
                       views: str, max_image_bytes: int, storage_options: Mapping | None,
                       overwrite: bool, seed: int, feature_shape: tuple[int, ...],
-                      train_views: Any,
+                      train_views: Any, backend: str = "torch", calibration: tuple = (),
+                      backend_warning: str | None = None,
                       progress: bool | Callable[[ChunkResult], None]) -> FeaturizeReport:
     """``run_featurize`` once it holds the store's lock."""
     keep_maps = len(feature_shape) > 1
@@ -612,7 +642,7 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
     forget_cached_stores()  # a handle cached in this process may predate an overwrite
     # a reused store is verified chunk by chunk: damaged chunks are computed again
     repaired = store.repair(manifest) if store.reused else []
-    warnings = list(manifest.warnings)
+    warnings = list(manifest.warnings) + ([backend_warning] if backend_warning else [])
     if repaired:
         warnings.append(f"{len(repaired)} damaged chunk(s) of the store were found and are "
                         f"computed again: {repaired[:10]}")
@@ -622,7 +652,8 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
                          batch_size=batch_size, compile=compile, device=device,
                          precision=precision, views=views, max_image_bytes=max_image_bytes,
                          threads=executor.threads_per_worker, keep_maps=keep_maps,
-                         train_views=train_views, seed=seed, source=manifest.source)
+                         train_views=train_views, seed=seed, source=manifest.source,
+                         backend=backend, calibration=calibration)
     todo_rows = sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in pending)
     bar = None
     if progress is True:
@@ -653,4 +684,33 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
         model=mspec.to_dict(), feature_dim=feature_dim, warnings=warnings,
         reused=store.reused and todo_rows == 0 and not repaired, repaired_chunks=repaired,
         feature_shape=list(feature_shape), train_views=train_views.k,
-        view_rows=store.n_rows - store.n_images)
+        view_rows=store.n_rows - store.n_images, backend=backend,
+        quantization=store.attrs.get("quantization"))
+
+
+def _backend_choice(backend: str | None, store_url: str, storage_options: Mapping | None,
+                    manifest: Manifest, *, resume: bool, device: str, precision: str,
+                    compile: bool,
+                    seed: int, batch_size: int, n_calibration: int | None
+                    ) -> tuple[dict[str, Any], tuple, str | None]:
+    """The backend's store attrs (its identity: ``backend``, ``quantization``), the int8
+    calibration sample's paths, and a fallback warning. ``backend=None`` resumes an existing
+    store with the backend that made it (older stores: torch), else takes the default."""
+    from .backends import resolve_backend
+    from .backends.calibration import (DEFAULT_CALIBRATION_IMAGES, calibration_attrs,
+                                       calibration_sample)
+    from .store import stored_backend
+
+    if backend is None and resume:
+        backend = stored_backend(store_url, storage_options)
+    name, warning = resolve_backend(backend, device=device, precision=precision,
+                                    compile=compile)
+    if precision == "int8" and name == "torch":
+        resolve_backend("torch", precision=precision)  # the one-line refusal
+    quant, sample = None, ()
+    if precision == "int8":
+        n = DEFAULT_CALIBRATION_IMAGES if n_calibration is None else n_calibration
+        check_int("calibration_images", n, low=1, where="featurize")
+        sample = calibration_sample(manifest.paths, manifest.rows("train"), seed=seed, n=n)
+        quant = calibration_attrs(name, sample, seed=seed, batch_size=batch_size)
+    return {"backend": name, "quantization": quant}, sample, warning

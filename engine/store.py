@@ -517,6 +517,8 @@ class FeatureStore:
             "view_rows": self.n_rows - self.n_images,
             "model": self.attrs.get("model"),
             "preprocess": self.attrs.get("preprocess"),
+            "backend": self.attrs.get("backend") or "torch",
+            "quantization": self.attrs.get("quantization"),
             "seed": self.attrs.get("seed"),
             "versions": self.attrs.get("versions"),
             "bytes": store_nbytes(self.url, self.storage_options),
@@ -579,7 +581,10 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
     identity = {"manifest_digest": digest, "model": attrs.get("model"),
                 "preprocess": attrs.get("preprocess"), "dtype": dtype,
                 "chunk_rows": chunk_rows, "feature_dim": feature_dim,
-                "maps": len(shape) > 1, "feature_shape": shape, "train_views": views}
+                "maps": len(shape) > 1, "feature_shape": shape, "train_views": views,
+                # the prefix's inference backend and int8 calibration (deeptransfer.backends)
+                "backend": attrs.get("backend", "torch"),
+                "quantization": attrs.get("quantization")}
     source = source_identity(manifest)
     if source:  # a folder's is empty: its stores keep the identity they had before sources
         identity["source"] = source
@@ -591,10 +596,13 @@ def create_store(url: str, manifest: Manifest, *, feature_dim: int, attrs: Mappi
             mine = {k: existing.attrs.get(k) for k in identity}
             mine["maps"] = existing.maps
             mine["feature_shape"] = list(existing.feature_shape)
+            mine["backend"] = existing.attrs.get("backend") or "torch"  # older stores: torch
             want = json.loads(json.dumps(identity))
             if want == mine:
                 existing.reused = True
                 return existing
+            if (mine["backend"], mine["quantization"]) != (want["backend"], want["quantization"]):
+                raise StoreError(_backend_mismatch(url, mine, want))
             raise StoreError(
                 f"{url!r} already holds features of another dataset or model "
                 f"({', '.join(k for k in identity if mine.get(k) != want[k])} differ). Use "
@@ -665,6 +673,27 @@ LISTING_SKIPPED_SHOWN = 1000
 def _listing_skipped(manifest: Manifest) -> dict[str, Any]:
     rows = list(getattr(manifest, "skipped", []) or [])
     return {"count": len(rows), "rows": [list(r) for r in rows[:LISTING_SKIPPED_SHOWN]]}
+
+
+def _backend_mismatch(url: str, mine: Mapping[str, Any], want: Mapping[str, Any]) -> str:
+    def name(d: Mapping[str, Any]) -> str:
+        q = d.get("quantization")
+        return d["backend"] + (f" int8 ({q.get('images')} calibration images, seed "
+                               f"{q.get('seed')})" if q else "")
+    flag = f"--backend {mine['backend']}" + (" --precision int8" if mine["quantization"] else "")
+    return (f"{url!r} was featurized with backend {name(mine)}, this run asks for "
+            f"{name(want)}: resume it with {flag} (or no --backend), use another store path, "
+            f"or --overwrite to replace it.")
+
+
+def stored_backend(url: str, storage_options: Mapping | None = None) -> str | None:
+    """The backend an existing store was made with (torch for older stores), None if there
+    is no store at ``url``: a resume without --backend keeps the store's."""
+    try:
+        store = _try_open(url, storage_options)
+    except DeeptransferError:
+        return None
+    return None if store is None else (store.attrs.get("backend") or "torch")
 
 
 def _try_open(url: str, storage_options: Mapping | None) -> FeatureStore | None:

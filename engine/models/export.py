@@ -32,7 +32,7 @@ from torch import nn
 from .. import jsonutil
 from ..errors import DeeptransferError, EngineUnavailableError, InvalidParameterError
 
-__all__ = ["ExportError", "export_onnx", "export_torchscript", "quiet_exporter",
+__all__ = ["ExportError", "export_onnx", "export_prefix_onnx", "export_torchscript", "quiet_exporter",
            "check_export_target", "write_sidecar", "SIDECAR_FORMAT"]
 
 SIDECAR_FORMAT = "deeptransfer.export/1"
@@ -45,6 +45,8 @@ _HARMLESS_WARNINGS = (
     r"The feature will be removed",                              # the same deprecation
     r"`torch\.jit\.trace(_method)?` is deprecated",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",        # torch.export internals
+    # a Slice of a negative step (a mirror) is kept as an op rather than folded: harmless
+    r"Constant folding - Only steps=1 can be constant folded",
 )
 # "torchvision is not installed. Skipping torchvision::nms" and the exporter's progress lines
 _CHATTY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental")
@@ -215,3 +217,28 @@ def write_sidecar(path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
     """Write ``<path>.json`` (atomically): what a server needs to feed the exported file."""
     body = jsonutil.dumps({"format": SIDECAR_FORMAT, **meta}, indent=2)
     return _write_atomically(sidecar_path(path), lambda tmp: Path(tmp).write_text(body))
+
+
+# -- the frozen prefix for an inference backend (deeptransfer.backends) -----------------------
+class NHWCInput(nn.Module):
+    """A prefix that takes the featurize runner's NHWC buffer as it is: the permute to NCHW
+    is the graph's first op, which OpenVINO and ONNX Runtime fold into the first convolution
+    (no transposing copy per batch in Python)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.permute(0, 3, 1, 2))
+
+
+def export_prefix_onnx(module: nn.Module, path: str | os.PathLike, *, batch_size: int,
+                       crop: int) -> Path:
+    """The frozen prefix as an ONNX file with a static (batch_size, crop, crop, 3) float32
+    input named ``image`` and one output ``features``: ``export_onnx``, the same exporters
+    and checks as ``deeptransfer export --format onnx``. Static, because the runner pads
+    every batch to its size and both runtimes plan a fixed shape once (measured faster)."""
+    example = torch.zeros(batch_size, crop, crop, 3)
+    return export_onnx(NHWCInput(module).eval(), example, path, input_name="image",
+                       output_name="features", dynamic_batch=False)

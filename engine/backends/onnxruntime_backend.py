@@ -1,0 +1,69 @@
+"""The ONNX Runtime backend: the exported ONNX prefix in an InferenceSession, one per worker."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .base import Features
+
+INT8_METHOD = ("onnxruntime.quantization.quantize_static: QDQ int8 (per-channel weights, "
+               "MinMax activations) on the center views of the sample")
+
+
+class ONNXRuntimeBackend(Features):
+    """A CPU InferenceSession with every graph optimisation, ``threads`` intra-op threads and
+    one inter-op thread (the engine runs one process per core)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, module: Any, *, batch_size: int, crop: int, threads: int,
+                 precision: str = "auto", calibration: Sequence[np.ndarray] = ()) -> None:
+        import onnxruntime as ort
+
+        from ..models.export import export_prefix_onnx
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, int(threads))
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: no "unused initializer" notes per worker
+        with tempfile.TemporaryDirectory(prefix="deeptransfer-ort-") as d:
+            path = export_prefix_onnx(module, Path(d) / "prefix.onnx", batch_size=batch_size,
+                                      crop=crop)
+            if precision == "int8":
+                path = quantize_int8(path, Path(d) / "prefix.int8.onnx", calibration)
+            self.session = ort.InferenceSession(str(path), opts,
+                                                providers=["CPUExecutionProvider"])
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {"image": x})[0], dtype=np.float32)
+
+
+def quantize_int8(src: Path, dst: Path, calibration: Sequence[np.ndarray]) -> Path:
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from ..errors import InvalidParameterError
+
+    if not calibration:
+        raise InvalidParameterError("precision 'int8' needs calibration images (the "
+                                    "dataset's training split is empty)", param="precision")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict | None:
+            b = next(self.batches, None)
+            return None if b is None else {"image": b}
+
+    pre = dst.with_name("prefix.pre.onnx")
+    quant_pre_process(str(src), str(pre))
+    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8)
+    return dst

@@ -1,0 +1,83 @@
+"""The OpenVINO backend: the exported ONNX prefix compiled for the CPU, one per worker."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .base import Features
+
+#: what the store records about an int8 prefix (besides the sample's size and seed)
+INT8_METHOD = ("nncf.quantize: static post-training int8, MinMax ranges + fast bias "
+               "correction, preset performance, on the center views of the sample")
+
+
+class OpenVINOBackend(Features):
+    """``openvino.Core().compile_model`` of the prefix: f32 inference precision (no silent
+    bf16 on CPUs that have it), ``threads`` inference threads, a latency hint (one stream:
+    the engine already runs one process per core)."""
+
+    name = "openvino"
+
+    def __init__(self, module: Any, *, batch_size: int, crop: int, threads: int,
+                 precision: str = "auto", calibration: Sequence[np.ndarray] = ()) -> None:
+        import openvino as ov
+
+        from ..models.export import export_prefix_onnx
+
+        core = ov.Core()
+        with tempfile.TemporaryDirectory(prefix="deeptransfer-ov-") as d:
+            path = export_prefix_onnx(module, Path(d) / "prefix.onnx", batch_size=batch_size,
+                                      crop=crop)
+            model = core.read_model(str(path))
+            if precision == "int8":
+                model = quantize_int8(model, calibration)
+            config = {"INFERENCE_NUM_THREADS": max(1, int(threads)),
+                      "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                      "INFERENCE_PRECISION_HINT": "f32"}
+            self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.output = self.compiled.output(0)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        # copy: the request's output tensor is reused by the next inference
+        return np.array(self.request.infer({0: x}, share_inputs=True)[self.output],
+                        dtype=np.float32)
+
+
+def quantize_int8(model: Any, calibration: Sequence[np.ndarray]) -> Any:
+    """The model with int8 weights and activations, its ranges calibrated on ``calibration``
+    (NHWC batches of the dataset's own training images)."""
+    import nncf
+
+    from ..errors import InvalidParameterError
+
+    if not calibration:
+        raise InvalidParameterError("precision 'int8' needs calibration images (the "
+                                    "dataset's training split is empty)", param="precision")
+    # subset_size counts dataset items, here batches: all of the sample
+    with _quiet_nncf():
+        return nncf.quantize(model, nncf.Dataset(list(calibration)),
+                             preset=nncf.QuantizationPreset.PERFORMANCE,
+                             subset_size=len(calibration), fast_bias_correction=True)
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """No progress bars or info lines from NNCF in the workers' output (errors stay)."""
+    import nncf
+
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+    del nncf

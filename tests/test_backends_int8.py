@@ -1,0 +1,94 @@
+"""--precision int8: the frozen prefix quantized statically (post-training), calibrated on a
+seeded sample of the dataset's own training images, the calibration recorded in the store
+(and part of its identity); never silent. Its accuracy cost is measured by
+benchmarks/featurize.py --precision int8 (docs/benchmarks.md), not here."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import deeptransfer as dt
+from deeptransfer.backends.calibration import calibration_sample
+from deeptransfer.dataset import load_dataset
+from deeptransfer.errors import StoreError
+from deeptransfer.store import open_store
+from photos import make_photo_dataset
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+pytest.importorskip("onnxruntime")
+
+SPLIT = "train=0.5,val=0.25,test=0.25"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    make_photo_dataset(root, bad=False)
+    return str(root)
+
+
+def featurize(photos, store, **kw):
+    kw = {"workers": 0, "chunk_rows": 8, "batch_size": 4, "progress": False, "split": SPLIT,
+          **kw}
+    return dt.featurize(photos, str(store), **kw)
+
+
+@pytest.fixture(scope="module")
+def fp32(photos, tmp_path_factory):
+    store = tmp_path_factory.mktemp("fp32") / "f.zarr"
+    featurize(photos, store, backend="openvino")
+    return str(store)
+
+
+def test_the_calibration_sample_is_seeded_training_images(photos):
+    m = load_dataset(photos, split=SPLIT, seed=0)
+    train = set(np.asarray(m.paths)[m.rows("train")])
+    a = calibration_sample(m.paths, m.rows("train"), seed=0, n=5)
+    assert len(a) == 5 and set(a) <= train and len(set(a)) == 5
+    assert calibration_sample(m.paths, m.rows("train"), seed=0, n=5) == a
+    assert calibration_sample(m.paths, m.rows("train"), seed=1, n=5) != a
+    assert len(calibration_sample(m.paths, m.rows("train"), seed=0, n=1000)) == len(train)
+
+
+@pytest.mark.parametrize("backend,method", [("openvino", "nncf.quantize"),
+                                            ("onnxruntime", "quantize_static")])
+def test_int8_quantizes_the_prefix_and_records_its_calibration(photos, fp32, tmp_path,
+                                                               backend, method):
+    store = tmp_path / "q.zarr"
+    rep = featurize(photos, store, backend=backend, precision="int8", calibration_images=6)
+    q = open_store(str(store)).attrs["quantization"]
+    assert rep.quantization == q and rep.backend == backend
+    assert q["precision"] == "int8" and q["images"] == 6 and q["seed"] == 0
+    assert q["split"] == "train" and method in q["method"]
+    st, ref = open_store(str(store)), open_store(fp32)
+    ok = ref["ok"][:]
+    got, want = st["features"][:][ok], ref["features"][:][ok]
+    assert np.isfinite(got).all() and st["ok"][:].sum() == ok.sum()
+    # really int8: not the float features, yet the same features up to quantization noise
+    assert not np.allclose(got, want, atol=1e-4)
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.mean() > 0.9, cos
+    # the info summary says so too
+    assert dt.info(str(store))["quantization"]["images"] == 6
+
+
+def test_int8_store_is_the_same_on_0_and_2_workers_and_refuses_a_float_resume(photos,
+                                                                              tmp_path):
+    a = featurize(photos, tmp_path / "a.zarr", backend="openvino", precision="int8",
+                  calibration_images=6)
+    featurize(photos, tmp_path / "b.zarr", backend="openvino", precision="int8",
+              calibration_images=6, workers=2)
+    assert np.array_equal(open_store(str(tmp_path / "a.zarr"))["features"][:],
+                          open_store(str(tmp_path / "b.zarr"))["features"][:])
+    assert a.quantization["images"] == 6
+    with pytest.raises(StoreError) as e:
+        featurize(photos, tmp_path / "a.zarr", backend="openvino")
+    assert "int8" in str(e.value) and "--precision int8" in str(e.value)
+    assert "\n" not in str(e.value)
+    # another calibration is another store too
+    with pytest.raises(StoreError):
+        featurize(photos, tmp_path / "a.zarr", backend="openvino", precision="int8",
+                  calibration_images=5)
+    assert featurize(photos, tmp_path / "a.zarr", backend="openvino", precision="int8",
+                     calibration_images=6).reused
