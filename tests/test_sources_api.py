@@ -219,7 +219,8 @@ def test_a_task_reads_only_the_row_groups_of_its_rows(tmp_path, layouts, monkeyp
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
     spec = FeaturizeSpec(store_url=store, model=ModelSpec.from_dict(st.attrs["model"]),
-                         batch_size=4, source=ParquetSource(layouts["parquet"]))
+                         batch_size=4, source=ParquetSource(layouts["parquet"]),
+                         backend=st.attrs.get("backend", "torch"))  # the store's backend
     before = st["features"][4:8]
     res = featurize_chunk(1, spec)
     assert res.n_ok == int(st["ok"][4:8].sum()) == 3  # row 4 is the file that is not an image
