@@ -12,26 +12,13 @@ from deeptransfer.backends.calibration import calibration_sample
 from deeptransfer.dataset import load_dataset
 from deeptransfer.errors import StoreError
 from deeptransfer.store import open_store
-from photos import make_photo_dataset
+from test_backends import featurize, photos  # noqa: F401 - the photos fixture
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 pytest.importorskip("onnxruntime")
 
 SPLIT = "train=0.5,val=0.25,test=0.25"
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("photos")
-    make_photo_dataset(root, bad=False)
-    return str(root)
-
-
-def featurize(photos, store, **kw):
-    kw = {"workers": 0, "chunk_rows": 8, "batch_size": 4, "progress": False, "split": SPLIT,
-          **kw}
-    return dt.featurize(photos, str(store), **kw)
 
 
 @pytest.fixture(scope="module")

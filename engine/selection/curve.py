@@ -15,8 +15,6 @@ deviation over the repeats, in ``curve.csv`` / ``curve.json`` (every run too) an
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import sys
@@ -31,6 +29,7 @@ from .. import jsonutil
 from ..errors import InvalidParameterError, check_float, check_int
 from ..executor import Executor
 from ..files import atomic_target, atomic_write, make_dirs
+from .tables import csv_text
 from .vectorized import GroupTask, TrialSpec, train_group
 
 CURVE_FORMAT = "deeptransfer.curve/1"
@@ -196,7 +195,7 @@ def run_curve(executor: Executor, store_url: str, out_dir: str, *,
                "sizes": vals, "repeats": repeats, "seed": seed, "splits": list(splits),
                "train_config": base.to_dict(), "seconds": seconds, "points": points, "runs": runs}
     make_dirs(out_dir)
-    atomic_write(os.path.join(out_dir, CURVE_CSV), _csv(points))
+    atomic_write(os.path.join(out_dir, CURVE_CSV), csv_text(points))
     atomic_write(os.path.join(out_dir, CURVE_JSON), jsonutil.dumps(summary, indent=1) + "\n")
     if plot:
         plot_curve(points, os.path.join(out_dir, CURVE_PNG), splits=("train",) + splits,
@@ -221,17 +220,6 @@ def _point(size: Any, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             # the spread over repeats (population std: 0 for one repeat)
             p[f"{s}_{m}_std"] = float(np.std(v)) if v else None
     return p
-
-
-def _csv(points: Sequence[Mapping[str, Any]]) -> str:
-    cols = list(points[0])
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for p in points:
-        w.writerow(["" if p[c] is None else (f"{p[c]:.6g}" if isinstance(p[c], float) else p[c])
-                    for c in cols])
-    return buf.getvalue()
 
 
 def plot_curve(points: Sequence[Mapping[str, Any]], path: str, *,

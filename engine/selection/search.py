@@ -18,8 +18,6 @@
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import sys
@@ -36,6 +34,7 @@ from ..files import atomic_write
 from .halving import n_rungs, promote, ranks, rung_epochs
 from .space import OPTIONS, SearchSpace, baseline_params, trial_train_config
 from .single import SingleTask, train_single
+from .tables import csv_text
 from .vectorized import GroupTask, TrialSpec, structure_key, train_group
 
 SEARCH_FORMAT = "deeptransfer.search/1"
@@ -337,14 +336,7 @@ def write_results(out_dir: str, summary: Mapping[str, Any], results: Sequence[Ma
     from ..files import make_dirs
 
     make_dirs(out_dir)
-    cols = list(results[0]) if results else []
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for r in results:
-        w.writerow(["" if r[c] is None else (f"{r[c]:.6g}" if isinstance(r[c], float) else r[c])
-                    for c in cols])
-    atomic_write(os.path.join(out_dir, RESULTS_CSV), buf.getvalue())
+    atomic_write(os.path.join(out_dir, RESULTS_CSV), csv_text(results))
     atomic_write(os.path.join(out_dir, RESULTS_JSON),
                  jsonutil.dumps({**summary, "results": list(results)}, indent=1) + "\n")
     atomic_write(os.path.join(out_dir, BEST_CONFIG),
