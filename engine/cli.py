@@ -404,6 +404,33 @@ PREDICT_EXIT = ("exit code: 0 when every image was classified, 1 when some faile
                 "its error in the output), 2 on a user error (bad option, no images found)")
 
 
+def add_optimizer_options(p: argparse.ArgumentParser) -> None:
+    """The update rule's options (train, curve): TrainConfig.optimizer's fields."""
+    _option(p, "--lr", type=_float_type(0.0, low_open=True), config="optimizer.lr",
+            help="base learning rate")
+    _option(p, "--optimizer", choices=["sgd", "nesterov", "adam"], config="optimizer.name",
+            help="update rule")
+    _option(p, "--momentum", type=_float_type(0.0), config="optimizer.momentum",
+            help="sgd / nesterov momentum, in [0, 0.999]")
+    _option(p, "--weight-decay", type=_float_type(0.0), config="optimizer.weight_decay",
+            help="L2 coefficient on the weights")
+
+
+def add_head_options(p: argparse.ArgumentParser) -> None:
+    """The head's options and label smoothing (train, curve): TrainConfig.head's fields."""
+    _option(p, "--head", choices=["softmax", "mlp"], config="head.kind",
+            help="softmax: one linear layer; mlp: hidden layers (--hidden), then linear")
+    _option(p, "--hidden", config="head.hidden", metavar="WIDTHS",
+            help="mlp hidden layer widths, e.g. 512,256")
+    _option(p, "--dropout", type=_float_type(0.0), config="head.dropout",
+            help="mlp: dropout after each hidden layer, in [0, 0.95]")
+    _option(p, "--input-dropout", type=_float_type(0.0), config="head.input_dropout",
+            help="dropout on the features, in [0, 0.95]")
+    _option(p, "--batch-norm", action="store_true", config="head.batch_norm",
+            help="BatchNorm before the first linear layer (softmax) / in each hidden layer (mlp)")
+    _option(p, "--label-smoothing", type=_float_type(0.0), help="cross-entropy label smoothing, in [0, 0.999]")
+
+
 def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
     t = command("train", help="train a classifier head with parameter averaging",
                 description="Train a classifier head on STORE's features with parameter "
@@ -416,27 +443,10 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
     _option(t, "--averaging-frequency", type=_int_type(1), metavar="N",
             help="minibatches each worker runs between averagings")
     _option(t, "--epochs", type=_int_type(1), metavar="N", help="most passes over the train split")
-    _option(t, "--lr", type=_float_type(0.0, low_open=True), config="optimizer.lr",
-            help="base learning rate")
-    _option(t, "--optimizer", choices=["sgd", "nesterov", "adam"], config="optimizer.name",
-            help="update rule")
-    _option(t, "--momentum", type=_float_type(0.0), config="optimizer.momentum",
-            help="sgd / nesterov momentum, in [0, 0.999]")
-    _option(t, "--weight-decay", type=_float_type(0.0), config="optimizer.weight_decay",
-            help="L2 coefficient on the weights")
+    add_optimizer_options(t)
     _option(t, "--schedule", choices=["constant", "step", "cosine", "exponential"],
             config="optimizer.schedule", help="learning-rate schedule")
-    _option(t, "--head", choices=["softmax", "mlp"], config="head.kind",
-            help="softmax: one linear layer; mlp: hidden layers (--hidden), then linear")
-    _option(t, "--hidden", config="head.hidden", metavar="WIDTHS",
-            help="mlp hidden layer widths, e.g. 512,256")
-    _option(t, "--dropout", type=_float_type(0.0), config="head.dropout",
-            help="mlp: dropout after each hidden layer, in [0, 0.95]")
-    _option(t, "--input-dropout", type=_float_type(0.0), config="head.input_dropout",
-            help="dropout on the features, in [0, 0.95]")
-    _option(t, "--batch-norm", action="store_true", config="head.batch_norm",
-            help="BatchNorm before the first linear layer (softmax) / in each hidden layer (mlp)")
-    _option(t, "--label-smoothing", type=_float_type(0.0), help="cross-entropy label smoothing, in [0, 0.999]")
+    add_head_options(t)
     _option(t, "--class-weights", choices=["balanced"], help="weigh the loss by inverse class frequency")
     _option(t, "--save-updater", dest="save_updater", action="store_true",
             help="average the optimizer state too")

@@ -11,24 +11,19 @@ from typing import Any, Callable
 
 from . import jsonutil
 from .cli import (COMMANDS, _EXTRA_COMMANDS, _engine_options, _float_type,
-                  _int_type, _looks_like, _option)
+                  _int_type, _looks_like, _option, add_head_options,
+                  add_optimizer_options)
 from .errors import InvalidParameterError
 
 
-def _floats(text: str, flag: str) -> list[float]:
+def _numbers(text: str, flag: str, kind: type, example: str) -> list:
+    """A comma-separated list of ``kind`` values given to ``flag`` (one line when it is not)."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise InvalidParameterError(f"{flag} takes numbers separated by commas, e.g. "
-                                    f"0.1,0.5,1. Got {text!r}.") from None
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise InvalidParameterError(f"{flag} takes integers separated by commas, e.g. "
-                                    f"5,10,20,30. Got {text!r}.") from None
+        what = "integers" if kind is int else "numbers"
+        raise InvalidParameterError(f"{flag} takes {what} separated by commas, e.g. "
+                                    f"{example}. Got {text!r}.") from None
 
 
 def _check_order(command: str, store: str, out: str) -> None:
@@ -151,24 +146,8 @@ def _add_curve(command: Callable[..., argparse.ArgumentParser]) -> None:
                    help="seed of the subsets (repeat r's head is seeded --seed + r)")
     _option(c, "--epochs", type=_int_type(1), metavar="N", help="passes over each subset")
     _option(c, "--batch-size-per-worker", type=_int_type(1), metavar="N", help="minibatch size")
-    _option(c, "--lr", type=_float_type(0.0, low_open=True), config="optimizer.lr",
-            help="learning rate")
-    _option(c, "--optimizer", choices=["sgd", "nesterov", "adam"], config="optimizer.name",
-            help="update rule")
-    _option(c, "--momentum", type=_float_type(0.0), config="optimizer.momentum",
-            help="sgd / nesterov momentum")
-    _option(c, "--weight-decay", type=_float_type(0.0), config="optimizer.weight_decay",
-            help="L2 coefficient on the weights")
-    _option(c, "--head", choices=["softmax", "mlp"], config="head.kind", help="head kind")
-    _option(c, "--hidden", config="head.hidden", metavar="WIDTHS",
-            help="mlp hidden layer widths, e.g. 512")
-    _option(c, "--dropout", type=_float_type(0.0), config="head.dropout",
-            help="mlp: dropout after each hidden layer")
-    _option(c, "--input-dropout", type=_float_type(0.0), config="head.input_dropout",
-            help="dropout on the features")
-    _option(c, "--batch-norm", action="store_true", config="head.batch_norm",
-            help="BatchNorm before the first linear layer / in each hidden layer")
-    _option(c, "--label-smoothing", type=_float_type(0.0), help="cross-entropy label smoothing")
+    add_optimizer_options(c)
+    add_head_options(c)
     _option(c, "--seed", type=_int_type(0), help="seed of the heads' initialization and order")
     c.add_argument("--json", action="store_true", help="print the points as one JSON object")
 
@@ -186,9 +165,9 @@ def cmd_curve(args: argparse.Namespace) -> int:
     engine_options = _engine_options(args)
     opts = {k: getattr(args, k) for k in _CURVE_FLAGS if getattr(args, k) is not None}
     if args.hidden:
-        opts["hidden"] = tuple(_ints(args.hidden, "--hidden"))
-    sizes = _ints(args.sizes, "--sizes") if args.sizes is not None else None
-    fractions = _floats(args.fractions, "--fractions") if args.fractions is not None else None
+        opts["hidden"] = tuple(_numbers(args.hidden, "--hidden", int, "512,256"))
+    sizes = _numbers(args.sizes, "--sizes", int, "5,10,20,30") if args.sizes is not None else None
+    fractions = _numbers(args.fractions, "--fractions", float, "0.1,0.5,1") if args.fractions is not None else None
     res = curve(args.store, args.out, sizes=sizes, fractions=fractions, repeats=args.repeats,
                 seed=args.subset_seed, engine=args.engine, workers=args.workers,
                 engine_options=engine_options, progress=not args.json, **opts)
