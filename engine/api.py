@@ -20,6 +20,7 @@ from .workerenv import refuse_start_while_bootstrapping
 from .executor import Executor
 from .featurization import FeaturizeReport, run_featurize
 from .fs import DEFAULT_MAX_IMAGE_BYTES
+from .pathargs import accepts_paths
 
 
 @contextmanager
@@ -43,6 +44,7 @@ def engine_scope(engine: "str | Executor", workers: int | None,
         yield get_executor(engine)
 
 
+@accepts_paths("dataset", "store", "weights", "source")
 def featurize(dataset: Any = None, store: str | None = None, *,
               model: "str | Sequence[str]" = "efficientnet_lite0",
               layer: str | None = None, weights: str | None = None,
@@ -228,6 +230,7 @@ def _resolve_model(model: str, layer: str | None, weights: str | None) -> Any:
     return spec
 
 
+@accepts_paths("store")
 def info(store: str, storage_options: Mapping | None = None, verify: bool = False) -> dict[str, Any]:
     """Describe a feature store (a damaged one is a StoreError; one another job is writing
     is described as far as it is written, with a ``writer`` entry). ``verify`` also reads
@@ -291,6 +294,7 @@ def train_config(config: Any = None, **options: Any) -> Any:
     return replace(base, head=head_cfg, optimizer=opt_cfg, **top_kw)
 
 
+@accepts_paths("store", "model_dir")
 def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
           workers: int | None = None, engine_options: Mapping[str, Any] | None = None,
           config: Any = None, storage_options: Mapping | None = None, resume: bool = True,
@@ -331,6 +335,7 @@ def train(store: str, model_dir: str, *, engine: "str | Executor" = "local",
         return res
 
 
+@accepts_paths("model_dir", "store", "report_dir")
 def evaluate(model_dir: str, store: str, *, split: str = "test",
              engine: "str | Executor" = "local", workers: int | None = None,
              engine_options: Mapping[str, Any] | None = None,
@@ -376,6 +381,7 @@ def evaluate(model_dir: str, store: str, *, split: str = "test",
     return m
 
 
+@accepts_paths("model_dir")
 def load(model_dir: str, storage_options: Mapping | None = None) -> Any:
     """Load a saved model: ``deeptransfer.load("model/").predict(["cat.jpg"])``; a model
     directory on an fsspec URL (``s3://...``) too."""
@@ -384,6 +390,7 @@ def load(model_dir: str, storage_options: Mapping | None = None) -> Any:
     return _load(model_dir, storage_options)
 
 
+@accepts_paths("model_dir", "store", "out")
 def report(model_dir: str, store: str, out: str, *, split: str | None = None,
            engine: "str | Executor" = "local", workers: int | None = None,
            engine_options: Mapping[str, Any] | None = None,
@@ -415,6 +422,7 @@ def report(model_dir: str, store: str, out: str, *, split: str | None = None,
 
 # -- choosing the model: head search and learning curves (engine/selection) --------------------
 
+@accepts_paths("store", "out", "space")
 def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
            sampler: str = "random", halving: bool = True, eta: int = 3, metric: str = "top1",
            seed: int = 0, max_group: int = 64, engine: "str | Executor" = "local",
@@ -461,6 +469,7 @@ def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
                           progress=progress, baseline=baseline, max_rungs=max_rungs)
 
 
+@accepts_paths("store", "out")
 def curve(store: str, out: str, *, sizes: Sequence[int] | None = None,
           fractions: Sequence[float] | None = None, repeats: int = 3, seed: int = 0,
           engine: "str | Executor" = "local", workers: int | None = None,

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .dataset import SPLITS, split_code
+from .pathargs import accepts_paths
 
 
 class Features:
@@ -126,6 +127,7 @@ def chunk_frame(url: str, chunk: int, *, split: str | None = None,
         "ref": [str(p) for p in st["paths"][a:b][keep]]})
 
 
+@accepts_paths("store")
 def open_features(store: str, *, split: str | None = None,
                   storage_options: Mapping | None = None) -> Features:
     """The valid rows of a feature store (optionally of one split) as numpy, dask.array or
