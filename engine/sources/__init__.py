@@ -13,6 +13,7 @@ parquet        a Parquet file or folder with an image-bytes column   ``sources.p
 webdataset     ``*.tar``, ``shards-{0000..0099}.tar``, a folder of   ``sources.webdataset``
                shards
 dataframe      (API) a pandas, Dask or Spark DataFrame of paths      ``sources.frames``
+hf_dataset     (API) a loaded Hugging Face ``Dataset`` / ``DatasetDict`` ``sources.hfdataset``
 ============== ===================================================== ==========================
 
 Adding a source is one module with a ``Source`` subclass, listed in ``KINDS``, and the
@@ -115,10 +116,14 @@ def as_source(dataset: Any, kind: str | None = None, *,
         from .frames import frame_source
 
         return frame_source(dataset, **given)
+    from .hfdataset import hf_dataset_source, is_hf_dataset
+
+    if is_hf_dataset(dataset):
+        return hf_dataset_source(dataset, **given)
     if not isinstance(dataset, str):
         raise InvalidParameterError(
             f"The dataset must be a folder, a manifest, Parquet or tar shards (a path or "
-            f"fsspec URL), a deeptransfer Source or a DataFrame. Got "
+            f"fsspec URL), a deeptransfer Source, a DataFrame or a Hugging Face Dataset. Got "
             f"{type(dataset).__name__} instead.", param="dataset")
     if kind is None:
         kind = detect_kind(dataset, storage_options)
