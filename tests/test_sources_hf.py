@@ -19,7 +19,8 @@ from deeptransfer.errors import InvalidParameterError  # noqa: E402
 from deeptransfer.sources import FolderSource, as_source  # noqa: E402
 from deeptransfer.sources.hfdataset import HFDatasetSource  # noqa: E402
 from deeptransfer.store import open_store  # noqa: E402
-from deeptransfer.testing.source_checks import BROKEN, FEATURIZE, make_images  # noqa: E402
+from deeptransfer.testing.source_checks import (BROKEN, FEATURIZE, make_images,  # noqa: E402
+                                                 saved_hf_dataset)
 
 
 @pytest.fixture(autouse=True)
@@ -41,17 +42,6 @@ def folder(tmp_path):
     return root, listing
 
 
-def _saved(tmp_path: Path, paths, labels, classes) -> "datasets.Dataset":
-    """The images as a Dataset of encoded bytes (save_to_disk embeds the files), loaded back
-    memory-mapped, as ``load_from_disk`` gives it."""
-    feats = datasets.Features({"image": datasets.Image(),
-                               "label": datasets.ClassLabel(names=classes)})
-    ds = datasets.Dataset.from_dict({"image": list(paths), "label": list(labels)},
-                                    features=feats)
-    ds.save_to_disk(str(tmp_path / "saved"))
-    return datasets.load_from_disk(str(tmp_path / "saved"))
-
-
 def _store(path) -> dict:
     st = open_store(str(path))
     return {"features": st["features"][:], "ok": st["ok"][:], "split": st["split"][:],
@@ -61,8 +51,7 @@ def _store(path) -> dict:
 
 def test_saved_dataset_gives_the_folder_store_row_for_row(executor, folder, tmp_path):
     root, listing = folder
-    classes = sorted(set(listing.labels))
-    ds = _saved(tmp_path, listing.refs, [classes.index(c) for c in listing.labels], classes)
+    ds = saved_hf_dataset(root, tmp_path / "saved")
     featurize(root, tmp_path / "folder.zarr", engine=executor, **FEATURIZE)
     rep = featurize(ds, tmp_path / "hf.zarr", engine=executor, **FEATURIZE)
     assert rep.images == len(listing.refs) and len(rep.skipped) == 1  # the broken file
@@ -140,10 +129,8 @@ def test_in_memory_dataset_is_refused_with_the_way_out(tmp_path):
 
 
 def test_workers_get_no_rows_and_options_are_checked(folder, tmp_path):
-    _, listing = folder
-    classes = sorted(set(listing.labels))
-    ds = _saved(tmp_path, listing.refs[:3], [classes.index(c) for c in listing.labels[:3]],
-                classes)
+    root, listing = folder
+    ds = saved_hf_dataset(root, tmp_path / "saved").select(range(3))
     src = as_source(ds)
     assert isinstance(src, HFDatasetSource) and len(src.list().refs) == 3
     back = pickle.loads(pickle.dumps(src))  # what a worker gets with the featurize spec

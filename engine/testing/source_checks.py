@@ -4,8 +4,9 @@
 layout, every one in the folder tree's row order: the folder tree, manifests (CSV with
 relative uris, JSONL with absolute ones, Parquet), a Parquet table of image bytes (Spark's
 ``content`` column, row groups smaller than a chunk), WebDataset shards (``.cls`` labels in
-one half, ``.json`` in the other, a brace pattern) and a Hugging Face imagefolder. The
-checks featurize each on an engine and compare them with the folder's store:
+one half, ``.json`` in the other, a brace pattern), a Hugging Face imagefolder, and (with
+the ``datasets`` package) a saved and reloaded Hugging Face Dataset. The checks featurize
+each on an engine and compare them with the folder's store:
 
 - ``check_same_features``: features bitwise equal row for row, the same labels (by class
   name), splits and skipped rows (a file that is not an image is in every layout);
@@ -149,6 +150,27 @@ def write_sources(root: str | os.PathLike) -> dict[str, str]:
     return out
 
 
+def saved_hf_dataset(folder: str, path: str | os.PathLike) -> Any:
+    """The folder's images as a Hugging Face Dataset (``Image()`` bytes, ``ClassLabel``
+    labels) saved to ``path`` and loaded back memory-mapped, in the folder's row order; None
+    without the ``datasets`` package."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    from ..sources import FolderSource
+
+    listing = FolderSource(folder).list()
+    classes = sorted(set(listing.labels))
+    feats = datasets.Features({"image": datasets.Image(),
+                               "label": datasets.ClassLabel(names=classes)})
+    ds = datasets.Dataset.from_dict(
+        {"image": list(listing.refs), "label": [classes.index(c) for c in listing.labels]},
+        features=feats)
+    ds.save_to_disk(str(path))
+    return datasets.load_from_disk(str(path))
+
+
 def _featurize(executor: Any, dataset: Any, store: str, **kw: Any) -> Any:
     from ..api import featurize
 
@@ -170,7 +192,10 @@ def check_same_features(executor: Any, tmp: str | os.PathLike) -> dict[str, Any]
     bitwise equal, the same labels, splits, skipped rows and reasons. Returns the tables."""
     _pa()
     tmp = Path(tmp)
-    urls = write_sources(tmp / "data")
+    urls: dict[str, Any] = dict(write_sources(tmp / "data"))
+    hf = saved_hf_dataset(urls["folder"], tmp / "hf_dataset")
+    if hf is not None:
+        urls["hf_dataset"] = hf
     tables = {}
     for kind, url in urls.items():
         rep = _featurize(executor, url, str(tmp / f"{kind}.zarr"))
