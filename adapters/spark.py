@@ -58,6 +58,9 @@ from deeptransfer.errors import (EngineUnavailableError, InvalidParameterError, 
 #: configured (``SparkSession.builder.getOrCreate()``) instead of starting local[N]
 SESSION_ENV = "DEEPTRANSFER_SPARK_SESSION"
 
+#: ``spark.task.maxDirectResultSize`` of a session this engine starts (see ``_start``)
+DIRECT_RESULT_SIZE = "64m"
+
 STORAGE_LEVELS = ("MEMORY_ONLY", "MEMORY_ONLY_2", "MEMORY_AND_DISK", "MEMORY_AND_DISK_2",
                   "DISK_ONLY", "DISK_ONLY_2", "OFF_HEAP")
 
@@ -198,6 +201,12 @@ class SparkExecutor(Executor):
             "spark.ui.showConsoleProgress": "false",  # it would fight our progress bars
             "spark.python.worker.reuse": "true",  # per-process model/shard caches survive
             "spark.task.maxFailures": str(self.max_failures),
+            # a training round's result (a worker's parameters and optimizer state, 13.7 MB
+            # for a fine-tuned suffix) goes back to the driver in the task's own message
+            # rather than through the block manager, one fetch fewer per result (default
+            # 1 MB; capped by spark.rpc.message.maxSize, 128 MB): beyond compute 356 vs
+            # 520-654 ms per suffix round here (benchmarks/rounds.py --suffix, loaded machine)
+            "spark.task.maxDirectResultSize": DIRECT_RESULT_SIZE,
         }
         settings.update(worker_malloc_conf(conf.__contains__))
         if local:
@@ -392,6 +401,7 @@ class SparkExecutor(Executor):
 #: the driver's Log4j 2 settings: errors only (no start-up INFO lines, no native-hadoop warning)
 LOG4J2_PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  "spark-log4j2.properties")
+
 
 
 def quiet_log_conf(is_set: Callable[[str], bool]) -> dict[str, str]:
