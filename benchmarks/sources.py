@@ -90,9 +90,10 @@ def subsample(root: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out[:n]
 
 
-def write_formats(rows: list[tuple[str, str]], tmp: str) -> dict[str, str]:
-    """The rows as a folder tree, a CSV manifest, Parquet (content) and WebDataset shards,
-    each in the folder tree's row order."""
+def write_formats(rows: list[tuple[str, str]], tmp: str) -> dict:
+    """The rows as a folder tree, a CSV manifest, Parquet (content), WebDataset shards and
+    (with the ``datasets`` package) a saved Hugging Face Dataset, each in the folder tree's
+    row order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -125,11 +126,17 @@ def write_formats(rows: list[tuple[str, str]], tmp: str) -> dict[str, str]:
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    return {"folder": folder, "manifest": man, "parquet": pdir,
-            "webdataset": os.path.join(wds, f"shard-{{0000..{n_shards - 1:04d}}}.tar")}
+    out = {"folder": folder, "manifest": man, "parquet": pdir,
+           "webdataset": os.path.join(wds, f"shard-{{0000..{n_shards - 1:04d}}}.tar")}
+    from deeptransfer.testing.source_checks import saved_hf_dataset
+
+    hf = saved_hf_dataset(folder, os.path.join(tmp, "hf_dataset"))  # with `datasets` only
+    if hf is not None:
+        out["hf_dataset"] = hf
+    return out
 
 
-def read_cost(urls: dict[str, str], chunk_rows: int = 256, repeats: int = 3) -> dict:
+def read_cost(urls: dict, chunk_rows: int = 256, repeats: int = 3) -> dict:
     """Seconds per image to read every ref's bytes through its source's reader, a reader
     per chunk as featurize_chunk does (best of ``repeats``): the part of featurize that
     differs between sources, measured apart from the network, whose cost swamps it and
@@ -153,19 +160,20 @@ def read_cost(urls: dict[str, str], chunk_rows: int = 256, repeats: int = 3) -> 
     return out
 
 
-def throughput(urls: dict[str, str], tmp: str, workers: int) -> dict:
+def throughput(urls: dict, tmp: str, workers: int) -> dict:
     import deeptransfer as dt
     from deeptransfer.adapters.local import LocalExecutor
 
     runs = []
     # the folder between every two sources: each source is compared with the folder runs
     # just before and after it (this machine is shared; its speed drifts within minutes)
-    # twice: the first run of a source also pays its one-time imports in the worker
-    # (pyarrow for Parquet), the second is its steady state
-    order = ["folder"] + ["manifest", "folder", "parquet", "folder", "webdataset", "folder"] * 2
+    # twice, A B A B
+    others = [k for k in urls if k != "folder"]
+    order = ["folder"] + [x for k in others for x in (k, "folder")] * 2
     with LocalExecutor(workers) as ex:
-        # warm the workers' model cache first, so no source pays the model build
-        dt.featurize(urls["folder"], os.path.join(tmp, "warm.zarr"), engine=ex,
+        # warm the workers first, so no source pays the model build or an import (pyarrow,
+        # which the Parquet and Hugging Face readers need and the folder does not)
+        dt.featurize(urls["parquet"], os.path.join(tmp, "warm.zarr"), engine=ex,
                      progress=False)
         for i, kind in enumerate(order):
             store = os.path.join(tmp, f"{kind}_{i}.zarr")
