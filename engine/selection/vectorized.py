@@ -78,6 +78,7 @@ class GroupTask:
     eval_train: bool = False  # also score each trial on its own training rows
     return_state: bool = True
     cache_bytes: int = 1 << 30
+    return_predictions: bool = False  # each trial's predicted classes on ``eval_splits``
 
 
 @dataclass
@@ -85,10 +86,12 @@ class GroupResult:
     """Per trial (in the task's order): scores, training statistics, state to continue from."""
 
     trials: list[int]
-    scores: list[dict[str, Any]]  # split -> {"top1", "mean_per_class"}; "train_loss", ...
+    scores: list[dict[str, Any]]  # split -> {"top1", "mean_per_class", "loss"}; "train_loss"
     states: list[Any] | None
     seconds: float
     diverged: list[bool] = field(default_factory=list)
+    # per trial: split -> predicted class of each of its rows (``return_predictions``)
+    predictions: list[dict[str, np.ndarray]] | None = None
 
 
 # -- the stack --------------------------------------------------------------------------------
@@ -308,19 +311,27 @@ def epoch_positions(task: GroupTask, store: Any, train: np.ndarray, t: TrialSpec
 
 
 def accuracy_scores(logits: torch.Tensor, y: np.ndarray, n_classes: int) -> list[dict[str, float]]:
-    """Per trial: top1 and mean per-class recall (``evaluation.metrics``' definitions)."""
+    """Per trial: top1, mean per-class recall (``evaluation.metrics``' definitions) and the
+    mean cross entropy (``loss``: a smoother score than accuracy on a small split)."""
     pred = logits.argmax(-1).numpy()
     out = []
     yy = np.asarray(y)
+    yt_all = torch.from_numpy(np.ascontiguousarray(yy, np.int64))
+    yt_all = yt_all if yy.ndim == 2 else yt_all.unsqueeze(0).expand(pred.shape[0], -1)
+    with torch.no_grad():
+        nll = -torch.log_softmax(logits.float(), -1).gather(2, yt_all.unsqueeze(2)).squeeze(2)
+        loss = nll.mean(1).tolist() if nll.shape[1] else [None] * pred.shape[0]
     for t in range(pred.shape[0]):
         yt = yy if yy.ndim == 1 else yy[t]  # (n,) for all trials, or each trial's own rows
         right = pred[t] == yt
         support = np.bincount(yt, minlength=n_classes)
         hits = np.bincount(yt, weights=right, minlength=n_classes)
         present = support > 0
+        finite = loss[t] is not None and math.isfinite(loss[t])
         out.append({"top1": float(right.mean()) if len(yt) else None,
                     "mean_per_class": float((hits[present] / support[present]).mean())
-                    if present.any() else None})
+                    if present.any() else None,
+                    "loss": float(loss[t]) if finite else None})
     return out
 
 
@@ -387,12 +398,17 @@ def train_group(task: GroupTask, shared: Any = None) -> GroupResult:
                                       for v in stack.tensors.values()
                                       if v.dtype.is_floating_point)
         scores: list[dict[str, Any]] = [{} for _ in trials]
+        preds: list[dict[str, np.ndarray]] = [{} for _ in trials]
         for split in task.eval_splits:
             xv, yv = _eval_data(task, split)
             if len(yv) == 0:
                 continue
-            for i, sc in enumerate(accuracy_scores(_eval(stack, _pooled(xv)), yv, n_classes)):
+            logits = _eval(stack, _pooled(xv))
+            for i, sc in enumerate(accuracy_scores(logits, yv, n_classes)):
                 scores[i][split] = sc
+            if task.return_predictions:
+                for i, p in enumerate(logits.argmax(-1).numpy().astype(np.int32)):
+                    preds[i][split] = p
         if task.eval_train:
             rows = np.stack([np.asarray(s) if task.subsets is not None else np.arange(len(train))
                              for s in (task.subsets or [None] * stack.T)])
@@ -406,10 +422,12 @@ def train_group(task: GroupTask, shared: Any = None) -> GroupResult:
             if diverged[i]:
                 for split in (*task.eval_splits, "train"):
                     scores[i].pop(split, None)
+                    preds[i].pop(split, None)
                 scores[i]["train_loss"] = None
         states = [stack.trial_state(i) for i in range(stack.T)] if task.return_state else None
     return GroupResult(trials=[t.trial for t in trials], scores=scores, states=states,
-                       seconds=time.perf_counter() - t0, diverged=diverged.tolist())
+                       seconds=time.perf_counter() - t0, diverged=diverged.tolist(),
+                       predictions=preds if task.return_predictions else None)
 
 
 def _freeze(stack: Stack, active: np.ndarray) -> dict[str, torch.Tensor] | None:
