@@ -156,7 +156,21 @@ def _groups(specs: list[tuple[TrialSpec, Any]], n_workers: int, max_group: int, 
         for part in np.array_split(np.arange(len(members)), chunks_per[k]):
             if len(part):
                 out.append([members[i] for i in part])
-    return out
+    # the costliest first (longest-processing-time order: engines hand tasks out in order, so
+    # the last tasks to start are the short ones and the workers finish close together)
+    return sorted(out, key=lambda g: -_cost(g, in_dim, n_classes))
+
+
+def _cost(group: list[tuple[TrialSpec, Any]], in_dim: int, n_classes: int) -> float:
+    """A group's work, roughly: trial-epochs x parameters, x1.5 with batch norm (its
+    backward pass multiplies through the first layer's input)."""
+    total = 0.0
+    for spec, _ in group:
+        widths = [in_dim, *spec.head.hidden, n_classes]
+        params = sum(a * b + b for a, b in zip(widths, widths[1:]))
+        total += (spec.stop_epoch - spec.start_epoch) * params * (1.5 if spec.head.batch_norm
+                                                                  else 1.0)
+    return total
 
 
 def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int | None = 64,
