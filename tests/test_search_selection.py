@@ -204,3 +204,23 @@ def test_the_selection_is_the_same_on_dask(blobs, tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]  # noqa: E731
     assert strip(got.results) == strip(ref.results)
     assert got.summary["selection"] == ref.summary["selection"]
+
+
+def test_the_cli_flags(blobs, tmp_path, capsys):
+    from deeptransfer.cli import main
+
+    out = tmp_path / "cli"
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(SPACE))
+    argv = ["search", blobs, str(out), "--trials", "6", "--space", str(space), "--workers", "0",
+            "--batch-size-per-worker", "8", "--json"]
+    assert main(argv + ["--selection", "best", "--promote-by", "loss"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    data = _strict_json((out / RESULTS_JSON).read_text())
+    assert data["selection"]["rule"] == "best" and data["promote_by"] == "loss"
+    assert summary["best_trial"] == data["selection"]["leader"]
+    assert summary["selection_reason"].startswith("best validation score")
+    assert main(argv + ["--selection-threshold", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "selection_threshold" in err or "selection-threshold" in err
+    assert len(err.splitlines()) == 1

@@ -41,29 +41,32 @@ def metric_value(pred: np.ndarray, y: np.ndarray, n_classes: int, metric: str) -
     return float((hits[present] / support[present]).mean())
 
 
-def _class_draws(y: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
-    """Per class present (in class order): (n_boot, n_c) indices into y, drawn within it."""
-    rng = np.random.default_rng([seed, 15, 1])
-    out = []
-    for c in np.unique(y):
-        members = np.flatnonzero(y == c)
-        out.append(members[rng.integers(0, len(members), size=(n_boot, len(members)))])
-    return out
+#: indices drawn at once (bounds the bootstrap's memory on large validation splits)
+_DRAW_BLOCK = 1 << 21
 
 
 def paired_difference(pred_a: np.ndarray, pred_b: np.ndarray, y: np.ndarray, n_classes: int,
                       metric: str, *, n_boot: int = N_BOOTSTRAP, seed: int = 0
                       ) -> tuple[float, float]:
-    """(metric(a) - metric(b), its bootstrap standard error) on the same images ``y``."""
+    """(metric(a) - metric(b), its bootstrap standard error) on the same images ``y``.
+
+    The replicates depend on ``y`` and ``seed`` only (the same draws for every pair of
+    heads compared on these images: common random numbers)."""
     y = np.asarray(y, np.int64)
     diff = (metric_value(pred_a, y, n_classes, metric)
             - metric_value(pred_b, y, n_classes, metric))
     d = (np.asarray(pred_a) == y).astype(np.float64) - (np.asarray(pred_b) == y)
-    draws = _class_draws(y, n_boot, seed)
-    if metric == "top1":  # every class keeps its count, so top1 is the total over classes
-        reps = sum(d[ix].sum(1) for ix in draws) / len(y)
-    else:
-        reps = sum(d[ix].mean(1) for ix in draws) / len(draws)
+    classes = [np.flatnonzero(y == c) for c in np.unique(y)]
+    rng = np.random.default_rng([seed, 15, 1])
+    reps = np.zeros(n_boot)
+    block = max(1, _DRAW_BLOCK // max(len(y), 1))
+    for lo in range(0, n_boot, block):
+        n = min(block, n_boot - lo)
+        for members in classes:  # within each class, as many draws as it has images
+            got = d[members[rng.integers(0, len(members), size=(n, len(members)))]]
+            # top1: every class keeps its count, so it is the total over the classes
+            reps[lo:lo + n] += got.sum(1) / len(y) if metric == "top1" else \
+                got.mean(1) / len(classes)
     return diff, float(np.std(reps, ddof=1)) if n_boot > 1 else 0.0
 
 
