@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -65,3 +67,23 @@ def test_only_the_active_trials_move():
     a.step(torch.tensor([0.01, 0.01]), active=[1])
     w = a.tensors["fc.weight"]
     assert torch.equal(w[0], before["fc.weight"][0]) and not torch.equal(w[1], before["fc.weight"][1])
+
+
+def test_trials_with_equal_dropout_share_their_masks_and_keep_them():
+    """Trials of one seed and equal dropout rates draw the same masks: drawn once, copied;
+    the masks are still each trial's own SeededDropout draws."""
+    head = HeadConfig("mlp", hidden=(6,), dropout=0.3, input_dropout=0.2)
+    heads = [head, head, HeadConfig("mlp", hidden=(6,), dropout=0.3, input_dropout=0.0), head]
+    trials = [V.TrialSpec(i, h, OptimizerConfig("adam", lr=0.01), 0.0, seed=7, epochs=2,
+                          start_epoch=0, stop_epoch=2) for i, h in enumerate(heads)]
+    stack = V.Stack(trials, 12, 5)
+    gens = V.mask_generators(stack, trials, np.array([0, 0, 0, 1]))
+    assert gens[1] == 0 and isinstance(gens[0], torch.Generator)
+    assert isinstance(gens[2], torch.Generator) and isinstance(gens[3], torch.Generator)
+    x = torch.ones(4, 12)
+    got = stack._dropout(x, stack.in_p, gens)
+    want = [torch.empty(4, 12).bernoulli_(0.8, generator=torch.Generator().manual_seed(
+        V.round_seed(7, e, 0, 0))) / 0.8 for e in (0, 0, 0, 1)]
+    for i in (0, 1, 3):
+        torch.testing.assert_close(got[i], want[i], rtol=0, atol=0)
+    assert torch.equal(got[2], x) and not torch.equal(got[0], got[3])

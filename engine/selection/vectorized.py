@@ -159,15 +159,19 @@ class Stack:
         # (T, O, D) @ (T, D, B): the weight's gradient comes out in the weight's own layout
         return torch.baddbmm(b.unsqueeze(2), w, x.transpose(1, 2)).transpose(1, 2)
 
-    def _dropout(self, x: torch.Tensor, p: torch.Tensor, gens: Sequence[torch.Generator] | None
-                 ) -> torch.Tensor:
+    def _dropout(self, x: torch.Tensor, p: torch.Tensor,
+                 gens: Sequence["torch.Generator | int"] | None) -> torch.Tensor:
+        """Per trial, SeededDropout's mask from its generator; ``gens[i]`` an int j < i: trial
+        i's generator would draw what trial j's draws (``mask_generators``), so it is copied."""
         if gens is None or not bool((p > 0).any()):
             return x
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.T, *x.shape)
         keep = torch.empty(x.shape, dtype=x.dtype)
         for i, pi in enumerate(p.tolist()):
-            if pi > 0:  # SeededDropout's draw, from the trial's own generator
+            if pi > 0 and isinstance(gens[i], int):
+                keep[i].copy_(keep[gens[i]])
+            elif pi > 0:  # SeededDropout's draw, from the trial's own generator
                 keep[i].bernoulli_(1.0 - pi, generator=gens[i])
             else:
                 keep[i].fill_(1.0)
@@ -405,8 +409,7 @@ def train_group(task: GroupTask, shared: Any = None) -> GroupResult:
                    for i, t in enumerate(trials)]
             # one batch for all when every training trial has the same rows in the same order
             shared_rows = all(np.array_equal(idx[i], idx[active[0]]) for i in active)
-            gens = [torch.Generator().manual_seed(round_seed(t.seed, int(epochs[i]), 0, 0))
-                    for i, t in enumerate(trials)]
+            gens = mask_generators(stack, trials, epochs)
             lr = torch.tensor([lr_at(t.optimizer, int(epochs[i]), 0, 1, t.epochs)
                                if i in set(active.tolist()) else 0.0
                                for i, t in enumerate(trials)], dtype=torch.float32)
@@ -467,6 +470,27 @@ def train_group(task: GroupTask, shared: Any = None) -> GroupResult:
     return GroupResult(trials=[t.trial for t in trials], scores=scores, states=states,
                        seconds=time.perf_counter() - t0, diverged=diverged.tolist(),
                        predictions=preds if task.return_predictions else None)
+
+
+def mask_generators(stack: Stack, trials: Sequence[TrialSpec], epochs: np.ndarray
+                    ) -> list["torch.Generator | int"]:
+    """Each trial's dropout generator for this epoch (``round_seed(seed, epoch, 0, 0)``, as
+    ``fit_shard`` seeds it), or the index of an earlier trial whose generator is seeded the
+    same and draws the same masks (same dropout rates, so the same sequence of draws of the
+    same shapes): trials of a search share their seed, so trials with equal dropout rates
+    draw their masks once (drawing them is a large part of a stack's step)."""
+    out: list[torch.Generator | int] = []
+    first: dict[tuple, int] = {}
+    in_p, hid_p = stack.in_p.tolist(), stack.hid_p.tolist()
+    for i, t in enumerate(trials):
+        seed = round_seed(t.seed, int(epochs[i]), 0, 0)
+        key = (seed, in_p[i], hid_p[i])
+        if key in first:
+            out.append(first[key])
+        else:
+            first[key] = i
+            out.append(torch.Generator().manual_seed(seed))
+    return out
 
 
 def _freeze(stack: Stack, active: np.ndarray) -> dict[str, torch.Tensor] | None:
