@@ -429,7 +429,8 @@ def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
            workers: int | None = None, engine_options: Mapping[str, Any] | None = None,
            storage_options: Mapping | None = None, progress: bool = True,
            baseline: bool = True, max_rungs: int = 4, config: Any = None,
-           **options: Any) -> Any:
+           selection: str = "one-se", selection_threshold: float = 1.0,
+           promote_by: str = "score", **options: Any) -> Any:
     """Search heads and hyper-parameters on ``store``'s features; retrain the best into ``out``.
 
     ``space``: a dict or the path of a JSON/YAML file (``selection.space``; default: head
@@ -442,7 +443,12 @@ def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
     (``train_config``: batch size, patience, averaging of the retraining). ``seed`` seeds
     the sampling and every trial's initialization, data order and dropout (and the
     retraining's). ``baseline``: trial 0 is the head ``train`` would train with these
-    options (random sampling), so the results show what the search gained over it.
+    options (random sampling), so the results show what the search gained over it; it
+    reaches the last rung whatever its early scores. ``selection``: ``"one-se"`` keeps it
+    unless the best trial beats it on the validation images by more than
+    ``selection_threshold`` standard errors of the paired difference (``"best"``: the best
+    validation score wins). ``promote_by``: ``"score"`` or ``"loss"`` (validation cross
+    entropy) between rungs.
     """
     refuse_start_while_bootstrapping()
     from .selection.search import check_search_options, check_search_out, plan_trials, run_search
@@ -452,7 +458,8 @@ def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
 
     check_engine(engine, engine_options)
     check_search_options(trials=trials, sampler=sampler, eta=eta, metric=metric,
-                         max_group=max_group, halving=halving)
+                         max_group=max_group, halving=halving, selection=selection,
+                         selection_threshold=selection_threshold, promote_by=promote_by)
     from dataclasses import replace
 
     base = replace(train_config(config, **options), seed=seed)
@@ -466,7 +473,9 @@ def search(store: str, out: str, *, trials: int | None = 64, space: Any = None,
         return run_search(ex, store, out, trials=trials, space=sp, sampler=sampler,
                           halving=halving, eta=eta, metric=metric, seed=seed, base=base,
                           max_group=max_group, storage_options=storage_options,
-                          progress=progress, baseline=baseline, max_rungs=max_rungs)
+                          progress=progress, baseline=baseline, max_rungs=max_rungs,
+                          selection=selection, selection_threshold=selection_threshold,
+                          promote_by=promote_by)
 
 
 @accepts_paths("store", "out")

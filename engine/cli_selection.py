@@ -72,6 +72,16 @@ def _add_search(command: Callable[..., argparse.ArgumentParser]) -> None:
                         "fewer rungs make the first one longer")
     s.add_argument("--metric", default="top1", choices=["top1", "mean_per_class"],
                    help="validation score that ranks the trials")
+    s.add_argument("--selection", default="one-se", choices=["one-se", "best"],
+                   help="one-se (default): the best trial of the last rung replaces trial 0 "
+                        "(the head `train` would train) only if it beats it on the validation "
+                        "images by more than --selection-threshold standard errors of the "
+                        "paired difference (seeded bootstrap); best: the best validation score")
+    s.add_argument("--selection-threshold", type=float, default=1.0, metavar="K",
+                   help="one-se: standard errors the best trial must beat trial 0 by (default 1)")
+    s.add_argument("--promote-by", default="score", choices=["score", "loss"],
+                   help="what promotes trials between rungs: the validation --metric (score) "
+                        "or the validation cross entropy (loss)")
     s.add_argument("--max-group", type=_int_type(1), default=64, metavar="N",
                    help="most trials trained together in one task")
     s.add_argument("--seed", type=_int_type(0), default=0,
@@ -102,11 +112,14 @@ def cmd_search(args: argparse.Namespace) -> int:
                  halving=not args.no_halving, eta=args.eta, metric=args.metric, seed=args.seed,
                  max_group=args.max_group, engine=args.engine, workers=args.workers,
                  engine_options=engine_options, progress=not args.json,
-                 baseline=not args.no_baseline, max_rungs=args.max_rungs, **opts)
+                 baseline=not args.no_baseline, max_rungs=args.max_rungs,
+                 selection=args.selection, selection_threshold=args.selection_threshold,
+                 promote_by=args.promote_by, **opts)
     best = res.best
     summary = {"out": args.out, "trials": len(res.results), "rungs": res.rungs,
                "search_seconds": res.seconds, "best_trial": best["trial"],
                f"best_val_{best['metric']}": best["val_score"], "best_params": best["params"],
+               "selection_reason": best.get("reason"),
                "retrained": res.summary.get("retrained"),
                "files": [os.path.join(args.out, f) for f in (RESULTS_CSV, RESULTS_JSON,
                                                              BEST_CONFIG)]}
@@ -115,6 +128,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     print(f"{'trials':16s} {summary['trials']} in {res.rungs} rung(s), {res.seconds:.1f} s")
     print(f"{'best trial':16s} {best['trial']} (val {best['metric']} {best['val_score']:.4f})")
+    print(f"{'why':16s} {best.get('reason')}")
     shown = {k: v for k, v in best["params"].items() if v is not None}
     print(f"{'best options':16s} {jsonutil.dumps(shown)}")
     r = summary["retrained"] or {}

@@ -32,8 +32,8 @@ def test_search_cli_writes_a_model_directory_and_the_results(store, tmp_path, ca
     summary = json.loads(capsys.readouterr().out)
     assert summary["trials"] == 6 and summary["rungs"] == 2
     results = json.loads((out / "search_results.json").read_text())
-    best = [r for r in results["results"] if r["rank"] == 1][0]
-    assert best["trial"] == summary["best_trial"]
+    best = [r for r in results["results"] if r["selected"]][0]
+    assert best["trial"] == summary["best_trial"] and summary["selection_reason"]
     assert best["param_hidden"] in (16, 32, None)
     # a normal model directory: its config is the best trial's, evaluate and predict take it
     cfg = json.loads((out / "config.json").read_text())

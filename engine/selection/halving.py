@@ -27,12 +27,15 @@ def rung_epochs(epochs: int, eta: int, rungs: int) -> list[int]:
     return [max(1, math.ceil(epochs / eta ** (rungs - 1 - k) - 1e-9)) for k in range(rungs)]
 
 
-def promote(scores: Mapping[int, Any], eta: int) -> list[int]:
-    """The trials that go on: the best ``ceil(n / eta)`` by score (None, a diverged trial,
-    last; ties to the lower trial id), in trial order."""
+def promote(scores: Mapping[int, Any], eta: int, keep: Sequence[int] = ()) -> list[int]:
+    """The trials that go on: the best ``ceil(n / eta)`` by score (higher is better; None, a
+    diverged trial, last; ties to the lower trial id), and the trials of ``keep`` that are
+    still in (the incumbent: a control arm that reaches the last rung whatever its early
+    scores), in trial order."""
     n_keep = max(1, math.ceil(len(scores) / eta))
     ranked = sorted(scores, key=lambda t: (scores[t] is None, -(scores[t] or 0.0), t))
-    return sorted(ranked[:n_keep])
+    kept = [t for t in keep if t in scores and scores[t] is not None]
+    return sorted(set(ranked[:n_keep]) | set(kept))
 
 
 def ranks(final: Sequence[tuple[int, int, Any]]) -> dict[int, int]:

@@ -10,7 +10,12 @@
    fine-tuning backbone stages is a task of its own, ``single.train_single``) that trains its
    trials to the rung's epochs and scores them on the validation split. A task's result is a
    function of its inputs, so an engine that reruns a task (a dead worker) changes nothing.
-3. The best trial (highest validation score at the last rung) is trained again with
+   The incumbent (trial 0, the head ``train`` would train: ``plan_trials``' baseline) goes
+   on at every rung whatever its score: a control arm trained to the whole budget.
+3. The winner is chosen among the last rung's trials (``paired.choose``): with
+   ``selection="one-se"`` (default) the best of them replaces the incumbent only if it beats
+   it on the validation images by more than ``selection_threshold`` standard errors of the
+   paired difference; ``"best"``: the best validation score. It is trained again with
    parameter averaging (``training.train_head``) into ``out_dir``: a normal model directory.
 4. ``search_results.csv`` / ``search_results.json`` (one row per trial: its options, its
    validation score at each rung, its rank and fit time: scikit-learn's ``cv_results_`` in
@@ -32,6 +37,7 @@ from ..errors import InvalidParameterError, StoreError, check_choice, check_int
 from ..executor import Executor
 from ..files import atomic_write
 from .halving import n_rungs, promote, ranks, rung_epochs
+from .paired import SELECTIONS, choose
 from .space import OPTIONS, SearchSpace, baseline_params, trial_train_config
 from .single import SingleTask, train_single
 from .tables import csv_text
@@ -43,6 +49,8 @@ RESULTS_JSON = "search_results.json"
 BEST_CONFIG = "best_config.json"
 SEARCH_FILES = (RESULTS_CSV, RESULTS_JSON, BEST_CONFIG)
 METRICS = ("top1", "mean_per_class")
+#: what promotes trials from rung to rung: the validation ``metric`` or the validation loss
+PROMOTE_BY = ("score", "loss")
 #: floats of parameters one group task holds at most (x4 for gradients and Adam's moments)
 MAX_GROUP_PARAMS = 1 << 25
 
@@ -61,8 +69,16 @@ class SearchResult:
 
 
 def check_search_options(*, trials: int | None, sampler: str, eta: int, metric: str,
-                         max_group: int, halving: bool) -> None:
+                         max_group: int, halving: bool, selection: str = "one-se",
+                         selection_threshold: float = 1.0, promote_by: str = "score") -> None:
     w = "search"
+    check_choice("selection", selection, SELECTIONS, where=w)
+    check_choice("promote_by", promote_by, PROMOTE_BY, where=w)
+    if (isinstance(selection_threshold, bool) or not isinstance(selection_threshold, (int, float))
+            or not math.isfinite(selection_threshold) or selection_threshold < 0):
+        raise InvalidParameterError(
+            f"The 'selection_threshold' parameter of search must be a number >= 0 (standard "
+            f"errors). Got {selection_threshold!r}.", param="selection_threshold")
     if trials is not None:
         check_int("trials", trials, low=1, where=w)
     check_choice("sampler", sampler, ("random", "grid"), where=w)
@@ -140,20 +156,38 @@ def _groups(specs: list[tuple[TrialSpec, Any]], n_workers: int, max_group: int, 
         for part in np.array_split(np.arange(len(members)), chunks_per[k]):
             if len(part):
                 out.append([members[i] for i in part])
-    return out
+    # the costliest first (longest-processing-time order: engines hand tasks out in order, so
+    # the last tasks to start are the short ones and the workers finish close together)
+    return sorted(out, key=lambda g: -_cost(g, in_dim, n_classes))
+
+
+def _cost(group: list[tuple[TrialSpec, Any]], in_dim: int, n_classes: int) -> float:
+    """A group's work, roughly: trial-epochs x parameters, x1.5 with batch norm (its
+    backward pass multiplies through the first layer's input)."""
+    total = 0.0
+    for spec, _ in group:
+        widths = [in_dim, *spec.head.hidden, n_classes]
+        params = sum(a * b + b for a, b in zip(widths, widths[1:]))
+        total += (spec.stop_epoch - spec.start_epoch) * params * (1.5 if spec.head.batch_norm
+                                                                  else 1.0)
+    return total
 
 
 def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int | None = 64,
                space: Any = None, sampler: str = "random", halving: bool = True, eta: int = 3,
                metric: str = "top1", seed: int = 0, base: Any = None, max_group: int = 64,
                storage_options: Mapping | None = None, retrain: bool = True,
-               progress: bool = True, baseline: bool = True, max_rungs: int = 4
-               ) -> SearchResult:
+               progress: bool = True, baseline: bool = True, max_rungs: int = 4,
+               selection: str = "one-se", selection_threshold: float = 1.0,
+               promote_by: str = "score") -> SearchResult:
     """Search heads on ``store_url``'s features on ``executor`` (see the module docstring).
 
     ``base``: the TrainConfig (or dict) the trials start from (batch size, seed, patience
     and averaging options of the retraining). ``metric``: the validation score that ranks
-    trials, ``top1`` or ``mean_per_class``.
+    trials, ``top1`` or ``mean_per_class``. ``selection``: ``one-se`` or ``best`` (see
+    ``paired``); ``selection_threshold``: in standard errors of the paired difference.
+    ``promote_by``: ``score`` (the metric) or ``loss`` (validation cross entropy) between
+    rungs.
     """
     from ..store import open_store
     from ..training import TrainConfig, check_trainable, train_head
@@ -161,7 +195,8 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
     from ..training.trainable import SuffixSpec
 
     check_search_options(trials=trials, sampler=sampler, eta=eta, metric=metric,
-                         max_group=max_group, halving=halving)
+                         max_group=max_group, halving=halving, selection=selection,
+                         selection_threshold=selection_threshold, promote_by=promote_by)
     base = TrainConfig() if base is None else TrainConfig.from_dict(base)
     space = SearchSpace.from_dict(space) if not isinstance(space, SearchSpace) else space
     check_search_out(out_dir, store_url)
@@ -198,6 +233,8 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
     states: dict[int, Any] = {}
     alive = sorted(specs)
     rung_log: list[dict[str, Any]] = []
+    val_preds: dict[int, np.ndarray] = {}
+    incumbent = 0 if n_baseline else None
     for k in range(K):
         last = k == K - 1
         tasks: list[Any] = []
@@ -213,7 +250,8 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
                                         batch_size=base.batch_size_per_worker,
                                         suffix_lr_scale=base.suffix_lr_scale,
                                         state=states.get(i), return_state=not last,
-                                        cache_bytes=base.cache_bytes))
+                                        cache_bytes=base.cache_bytes,
+                                        return_predictions=last))
             else:
                 vec.append((spec, states.get(i)))
         for group in _groups(vec, max(1, int(executor.n_workers)), max_group, in_dim, n_classes):
@@ -221,8 +259,10 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
             tasks.append(GroupTask(store_url, opts, key, tuple(s for s, _ in group),
                                    batch_size=base.batch_size_per_worker,
                                    states=None if all(s is None for s in st) else st,
-                                   return_state=not last, cache_bytes=base.cache_bytes))
+                                   return_state=not last, cache_bytes=base.cache_bytes,
+                                   return_predictions=last))
         scores: dict[int, Any] = {}
+        promote_scores: dict[int, Any] = {}
         t_rung, task_s = time.perf_counter(), 0.0
         for _, res in _run(executor, tasks, progress, f"rung {k + 1}/{K}"):
             task_s += res.seconds
@@ -236,8 +276,14 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
                 rows[i]["rungs"].append({
                     "rung": k, "epochs": targets[i][k], "val_score": score,
                     "val_top1": val.get("top1"), "val_mean_per_class": val.get("mean_per_class"),
+                    "val_loss": val.get("loss"),
                     "train_loss": sc.get("train_loss"), "train_accuracy": sc.get("train_accuracy")})
                 scores[i] = None if res.diverged[j] else score
+                loss = val.get("loss")
+                promote_scores[i] = scores[i] if promote_by == "score" else (
+                    None if res.diverged[j] or loss is None else -loss)
+                if res.predictions is not None and "val" in res.predictions[j]:
+                    val_preds[i] = np.asarray(res.predictions[j]["val"])
                 if res.states is not None:
                     states[i] = res.states[j]
         rung_log.append({"rung": k, "trials": len(alive), "tasks": len(tasks),
@@ -250,16 +296,25 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
                   f"{task_s:.1f} s), best val {metric} "
                   f"{'n/a' if best_now is None else f'{best_now:.4f}'}", file=sys.stderr)
         if not last:
-            alive = promote(scores, eta)
+            alive = promote(promote_scores, eta, keep=() if incumbent is None else (incumbent,))
             states = {i: states[i] for i in alive if i in states}
     seconds = time.perf_counter() - t_start
 
     final = [(i, len(r["rungs"]) - 1, None if r["diverged"] else r["rungs"][-1]["val_score"])
              for i, r in rows.items()]
     rank = ranks(final)
-    results = [_row(i, planned[i][0], rows[i], rank[i], K, baseline=i < n_baseline)
-               for i in sorted(rows)]
-    best_id = min(rank, key=rank.get)
+    finalists = sorted(i for i, r in rows.items() if len(r["rungs"]) == K)
+    chosen = choose(finalists, {i: scores[i] for i in finalists}, val_preds,
+                    _val_labels(store_url, storage_options, key), n_classes, metric=metric,
+                    incumbent=incumbent, rule=selection, threshold=float(selection_threshold),
+                    seed=seed)
+    best_id = chosen["winner"]
+    vs = {f["trial"]: f for f in chosen["finalists"]}
+    results = [_row(i, planned[i][0], rows[i], rank[i], K, baseline=i < n_baseline,
+                    selected=i == best_id, vs=vs.get(i)) for i in sorted(rows)]
+    for f in chosen["finalists"]:  # what the differences were computed from (for checks)
+        p = val_preds.get(f["trial"])
+        f["val_predictions"] = None if p is None else p.tolist()
     if rows[best_id]["diverged"]:
         raise InvalidParameterError(
             "Every trial of the search diverged (its loss became NaN or infinite): lower the "
@@ -267,16 +322,18 @@ def run_search(executor: Executor, store_url: str, out_dir: str, *, trials: int 
     best_cfg = planned[best_id][1]
     best = {"trial": best_id, "params": planned[best_id][0],
             "val_score": rows[best_id]["rungs"][-1]["val_score"], "metric": metric,
-            "train_config": best_cfg.to_dict()}
+            "reason": chosen["reason"], "train_config": best_cfg.to_dict()}
     summary = {"format": SEARCH_FORMAT, "store": store_url, "trials": len(planned),
                "baseline_trial": 0 if n_baseline else None,
                "sampler": sampler, "seed": seed, "halving": {"on": halving, "eta": eta,
                                                               "rungs": K},
-               "metric": metric, "space": space.to_dict(), "search_seconds": seconds,
-               "rungs": rung_log, "best": best, "model_dir": out_dir}
+               "metric": metric, "promote_by": promote_by, "space": space.to_dict(),
+               "search_seconds": seconds, "rungs": rung_log, "selection": chosen,
+               "best": best, "model_dir": out_dir}
     train_result = None
     if retrain:
         if progress:
+            print(f"search: selected trial {best_id}: {chosen['reason']}", file=sys.stderr)
             print(f"search: retraining trial {best_id} with parameter averaging into {out_dir}",
                   file=sys.stderr)
         train_result = train_head(executor, store_url, replace(best_cfg, workers=base.workers or max(1, int(executor.n_workers))), out_dir,
@@ -313,13 +370,31 @@ def _run(executor: Executor, tasks: Sequence[Any], progress: bool, desc: str):
             bar.close()
 
 
+def _val_labels(store_url: str, storage_options: Mapping | None, key: str) -> np.ndarray:
+    """The validation rows' labels, in the order the tasks score them."""
+    from ..store import cached_store
+    from ..training.shards import split_rows
+
+    rows = split_rows(store_url, "val", dict(storage_options or {}), key)
+    store = cached_store(store_url, dict(storage_options or {}))
+    return np.asarray(store.group["labels"][:], np.int64)[np.asarray(rows)]
+
+
 def _row(i: int, params: Mapping[str, Any], r: Mapping[str, Any], rank: int, K: int, *,
-         baseline: bool = False) -> dict[str, Any]:
+         baseline: bool = False, selected: bool = False,
+         vs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One row of the results table. ``rank``: by validation score (the last rung reached
+    first); ``selected``: the trial the search chose (the rank-1 trial, or the incumbent
+    when the rank-1 trial does not beat it by more than the noise); ``vs``: its paired
+    comparison with the incumbent (finalists only)."""
     last = r["rungs"][-1]
-    row: dict[str, Any] = {"trial": i, "rank": rank, "baseline": baseline}
+    row: dict[str, Any] = {"trial": i, "rank": rank, "baseline": baseline, "selected": selected}
     row.update({f"param_{k}": params.get(k) for k in OPTIONS})
     row.update({"val_score": None if r["diverged"] else last["val_score"],
+                "val_diff_vs_incumbent": (vs or {}).get("diff_vs_incumbent"),
+                "val_diff_se": (vs or {}).get("diff_se"),
                 "val_top1": last["val_top1"], "val_mean_per_class": last["val_mean_per_class"],
+                "val_loss": last["val_loss"],
                 "train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"],
                 "epochs_trained": last["epochs"], "rung_reached": last["rung"],
                 "diverged": r["diverged"], "fit_seconds": r["fit_seconds"]})
@@ -327,6 +402,7 @@ def _row(i: int, params: Mapping[str, Any], r: Mapping[str, Any], rank: int, K: 
         got = r["rungs"][k] if k < len(r["rungs"]) else None
         row[f"rung{k}_epochs"] = got["epochs"] if got else None
         row[f"rung{k}_val_score"] = got["val_score"] if got else None
+        row[f"rung{k}_val_loss"] = got["val_loss"] if got else None
     return row
 
 

@@ -40,6 +40,7 @@ class SingleTask:
     eval_splits: tuple[str, ...] = ("val",)
     return_state: bool = True
     cache_bytes: int = 1 << 30
+    return_predictions: bool = False
 
 
 def train_single(task: SingleTask, shared: Any = None) -> GroupResult:
@@ -79,6 +80,7 @@ def train_single(task: SingleTask, shared: Any = None) -> GroupResult:
             break
     scores: dict[str, Any] = {"train_loss": None if diverged else loss_sum / max(seen, 1),
                               "train_accuracy": correct / max(seen, 1) if seen else None}
+    preds: dict[str, np.ndarray] = {}
     if not diverged:
         with one_torch_thread(), torch.no_grad():
             module = worker_module(task.suffix, t.head, in_dim, n_classes)
@@ -91,6 +93,8 @@ def train_single(task: SingleTask, shared: Any = None) -> GroupResult:
                 logits = torch.cat([module(torch.from_numpy(np.ascontiguousarray(x[s:s + 256])))
                                     for s in range(0, len(y), 256)])
                 scores[split] = accuracy_scores(logits.unsqueeze(0), y, n_classes)[0]
+                preds[split] = logits.argmax(-1).numpy().astype(np.int32)
     state = (params, opt_state) if task.return_state else None
     return GroupResult(trials=[t.trial], scores=[scores], states=[state] if task.return_state
-                       else None, seconds=time.perf_counter() - t0, diverged=[diverged])
+                       else None, seconds=time.perf_counter() - t0, diverged=[diverged],
+                       predictions=[preds] if task.return_predictions else None)

@@ -35,6 +35,9 @@ from ..training.averaging import one_torch_thread, round_seed
 from ..training.heads import HeadConfig, build_head, head_params
 from ..training.optim import OptimizerConfig, lr_at
 
+#: torch's fused CPU optimizer kernels (torch >= 2.4)
+_FUSED = hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_sgd_")
+
 __all__ = ["structure_key", "Stack", "TrialSpec", "GroupTask", "GroupResult", "train_group"]
 
 
@@ -78,6 +81,7 @@ class GroupTask:
     eval_train: bool = False  # also score each trial on its own training rows
     return_state: bool = True
     cache_bytes: int = 1 << 30
+    return_predictions: bool = False  # each trial's predicted classes on ``eval_splits``
 
 
 @dataclass
@@ -85,10 +89,12 @@ class GroupResult:
     """Per trial (in the task's order): scores, training statistics, state to continue from."""
 
     trials: list[int]
-    scores: list[dict[str, Any]]  # split -> {"top1", "mean_per_class"}; "train_loss", ...
+    scores: list[dict[str, Any]]  # split -> {"top1", "mean_per_class", "loss"}; "train_loss"
     states: list[Any] | None
     seconds: float
     diverged: list[bool] = field(default_factory=list)
+    # per trial: split -> predicted class of each of its rows (``return_predictions``)
+    predictions: list[dict[str, np.ndarray]] | None = None
 
 
 # -- the stack --------------------------------------------------------------------------------
@@ -153,15 +159,19 @@ class Stack:
         # (T, O, D) @ (T, D, B): the weight's gradient comes out in the weight's own layout
         return torch.baddbmm(b.unsqueeze(2), w, x.transpose(1, 2)).transpose(1, 2)
 
-    def _dropout(self, x: torch.Tensor, p: torch.Tensor, gens: Sequence[torch.Generator] | None
-                 ) -> torch.Tensor:
+    def _dropout(self, x: torch.Tensor, p: torch.Tensor,
+                 gens: Sequence["torch.Generator | int"] | None) -> torch.Tensor:
+        """Per trial, SeededDropout's mask from its generator; ``gens[i]`` an int j < i: trial
+        i's generator would draw what trial j's draws (``mask_generators``), so it is copied."""
         if gens is None or not bool((p > 0).any()):
             return x
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.T, *x.shape)
         keep = torch.empty(x.shape, dtype=x.dtype)
         for i, pi in enumerate(p.tolist()):
-            if pi > 0:  # SeededDropout's draw, from the trial's own generator
+            if pi > 0 and isinstance(gens[i], int):
+                keep[i].copy_(keep[gens[i]])
+            elif pi > 0:  # SeededDropout's draw, from the trial's own generator
                 keep[i].bernoulli_(1.0 - pi, generator=gens[i])
             else:
                 keep[i].fill_(1.0)
@@ -210,12 +220,48 @@ class Stack:
 
     # -- update -------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, lr: torch.Tensor) -> None:
-        """One update of every trial (``lr``: (T,)), torch's single-tensor rules.
+    def step(self, lr: torch.Tensor, active: Sequence[int] | None = None) -> None:
+        """One update of the ``active`` trials (default all; ``lr``: (T,)), torch's rules.
 
         The work per step is that of T separate updates (every trial has its own
-        parameters); what the stack saves is everything per step that is not arithmetic, so
-        the ops are fused where torch has a fused op (``addcmul_``, ``addcdiv_``)."""
+        parameters), memory-bound: torch's fused optimizer kernels (``_fused_adam_``,
+        ``_fused_sgd_``: one pass over a parameter, its gradient and its state) run on each
+        trial's slice of the stack, with its own learning rate, weight decay (on weights
+        only, as ``training.optim``) and momentum -- several times faster than the
+        stack-wide formulas (``_step_stacked``, used where torch has no fused kernels), to
+        float rounding of the same formulas."""
+        if not _FUSED:
+            return self._step_stacked(lr)
+        trials = range(self.T) if active is None else [int(i) for i in active]
+        lrs, wds = lr.tolist(), self.wd.tolist()
+        moms, nest = self.momentum.tolist(), self.nesterov.tolist()
+        for k, p in self.params:
+            g = p.grad
+            weight = p.dim() >= 3  # a weight of each trial (not a bias, not BatchNorm's)
+            if self.adam:
+                b1, b2 = self.betas
+                ea, eas = self.state[f"{k}.exp_avg"], self.state[f"{k}.exp_avg_sq"]
+                step = self.state[f"{k}.step"]
+                step.add_(1)
+                for i in trials:
+                    torch._fused_adam_([p[i]], [g[i]], [ea[i]], [eas[i]], [], [step[i]],
+                                       amsgrad=False, lr=lrs[i], beta1=b1, beta2=b2,
+                                       weight_decay=wds[i] if weight else 0.0, eps=self.eps,
+                                       maximize=False)
+            else:
+                buf = self.state.get(f"{k}.momentum_buffer")
+                for i in trials:
+                    m = moms[i] if buf is not None else 0.0
+                    torch._fused_sgd_([p[i]], [g[i]], [buf[i]] if m > 0 else [],
+                                      weight_decay=wds[i] if weight else 0.0, momentum=m,
+                                      lr=lrs[i], dampening=0.0, nesterov=bool(nest[i]) and m > 0,
+                                      maximize=False, is_first_step=False)
+            p.grad = None
+
+    @torch.no_grad()
+    def _step_stacked(self, lr: torch.Tensor) -> None:
+        """``step`` as stack-wide formulas (torch's single-tensor rules, ``addcmul_`` and
+        ``addcdiv_`` fused), for a torch without the fused optimizer kernels."""
         any_wd = bool((self.wd > 0).any())
         for k, p in self.params:
             g = p.grad
@@ -308,19 +354,27 @@ def epoch_positions(task: GroupTask, store: Any, train: np.ndarray, t: TrialSpec
 
 
 def accuracy_scores(logits: torch.Tensor, y: np.ndarray, n_classes: int) -> list[dict[str, float]]:
-    """Per trial: top1 and mean per-class recall (``evaluation.metrics``' definitions)."""
+    """Per trial: top1, mean per-class recall (``evaluation.metrics``' definitions) and the
+    mean cross entropy (``loss``: a smoother score than accuracy on a small split)."""
     pred = logits.argmax(-1).numpy()
     out = []
     yy = np.asarray(y)
+    yt_all = torch.from_numpy(np.ascontiguousarray(yy, np.int64))
+    yt_all = yt_all if yy.ndim == 2 else yt_all.unsqueeze(0).expand(pred.shape[0], -1)
+    with torch.no_grad():
+        nll = -torch.log_softmax(logits.float(), -1).gather(2, yt_all.unsqueeze(2)).squeeze(2)
+        loss = nll.mean(1).tolist() if nll.shape[1] else [None] * pred.shape[0]
     for t in range(pred.shape[0]):
         yt = yy if yy.ndim == 1 else yy[t]  # (n,) for all trials, or each trial's own rows
         right = pred[t] == yt
         support = np.bincount(yt, minlength=n_classes)
         hits = np.bincount(yt, weights=right, minlength=n_classes)
         present = support > 0
+        finite = loss[t] is not None and math.isfinite(loss[t])
         out.append({"top1": float(right.mean()) if len(yt) else None,
                     "mean_per_class": float((hits[present] / support[present]).mean())
-                    if present.any() else None})
+                    if present.any() else None,
+                    "loss": float(loss[t]) if finite else None})
     return out
 
 
@@ -355,8 +409,7 @@ def train_group(task: GroupTask, shared: Any = None) -> GroupResult:
                    for i, t in enumerate(trials)]
             # one batch for all when every training trial has the same rows in the same order
             shared_rows = all(np.array_equal(idx[i], idx[active[0]]) for i in active)
-            gens = [torch.Generator().manual_seed(round_seed(t.seed, int(epochs[i]), 0, 0))
-                    for i, t in enumerate(trials)]
+            gens = mask_generators(stack, trials, epochs)
             lr = torch.tensor([lr_at(t.optimizer, int(epochs[i]), 0, 1, t.epochs)
                                if i in set(active.tolist()) else 0.0
                                for i, t in enumerate(trials)], dtype=torch.float32)
@@ -372,7 +425,7 @@ def train_group(task: GroupTask, shared: Any = None) -> GroupResult:
                 logits = stack.forward(xb, train=True, gens=gens)
                 loss = stack.losses(logits, yb)
                 loss.sum().backward()
-                stack.step(lr)
+                stack.step(lr, active)
                 with torch.no_grad():
                     b = yb.shape[-1]
                     loss_sum[active] += loss.detach().numpy()[active] * b
@@ -387,12 +440,17 @@ def train_group(task: GroupTask, shared: Any = None) -> GroupResult:
                                       for v in stack.tensors.values()
                                       if v.dtype.is_floating_point)
         scores: list[dict[str, Any]] = [{} for _ in trials]
+        preds: list[dict[str, np.ndarray]] = [{} for _ in trials]
         for split in task.eval_splits:
             xv, yv = _eval_data(task, split)
             if len(yv) == 0:
                 continue
-            for i, sc in enumerate(accuracy_scores(_eval(stack, _pooled(xv)), yv, n_classes)):
+            logits = _eval(stack, _pooled(xv))
+            for i, sc in enumerate(accuracy_scores(logits, yv, n_classes)):
                 scores[i][split] = sc
+            if task.return_predictions:
+                for i, p in enumerate(logits.argmax(-1).numpy().astype(np.int32)):
+                    preds[i][split] = p
         if task.eval_train:
             rows = np.stack([np.asarray(s) if task.subsets is not None else np.arange(len(train))
                              for s in (task.subsets or [None] * stack.T)])
@@ -406,10 +464,33 @@ def train_group(task: GroupTask, shared: Any = None) -> GroupResult:
             if diverged[i]:
                 for split in (*task.eval_splits, "train"):
                     scores[i].pop(split, None)
+                    preds[i].pop(split, None)
                 scores[i]["train_loss"] = None
         states = [stack.trial_state(i) for i in range(stack.T)] if task.return_state else None
     return GroupResult(trials=[t.trial for t in trials], scores=scores, states=states,
-                       seconds=time.perf_counter() - t0, diverged=diverged.tolist())
+                       seconds=time.perf_counter() - t0, diverged=diverged.tolist(),
+                       predictions=preds if task.return_predictions else None)
+
+
+def mask_generators(stack: Stack, trials: Sequence[TrialSpec], epochs: np.ndarray
+                    ) -> list["torch.Generator | int"]:
+    """Each trial's dropout generator for this epoch (``round_seed(seed, epoch, 0, 0)``, as
+    ``fit_shard`` seeds it), or the index of an earlier trial whose generator is seeded the
+    same and draws the same masks (same dropout rates, so the same sequence of draws of the
+    same shapes): trials of a search share their seed, so trials with equal dropout rates
+    draw their masks once (drawing them is a large part of a stack's step)."""
+    out: list[torch.Generator | int] = []
+    first: dict[tuple, int] = {}
+    in_p, hid_p = stack.in_p.tolist(), stack.hid_p.tolist()
+    for i, t in enumerate(trials):
+        seed = round_seed(t.seed, int(epochs[i]), 0, 0)
+        key = (seed, in_p[i], hid_p[i])
+        if key in first:
+            out.append(first[key])
+        else:
+            first[key] = i
+            out.append(torch.Generator().manual_seed(seed))
+    return out
 
 
 def _freeze(stack: Stack, active: np.ndarray) -> dict[str, torch.Tensor] | None:
