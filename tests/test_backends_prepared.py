@@ -208,3 +208,16 @@ def test_a_worker_compiles_the_stored_network_without_a_torch_model(one_worker):
     assert runner.backbone is None and runner.module is None
     assert runner.backend.compiled.get_property("ENABLE_CPU_PINNING") is False
     assert runner.feature_dim == 1280 and runner.pp.crop == 224
+
+
+def test_the_cli_says_the_network_was_built_once_then_reused(photos, tmp_path, capsys):
+    from deeptransfer.cli import main
+
+    store = tmp_path / "c.zarr"
+    args = ["featurize", photos, str(store), "--backend", "onnxruntime", "--workers", "0",
+            "--chunk-rows", "8", "--batch-size", "4"]
+    assert main(args) == 0
+    assert "network      built once in " in capsys.readouterr().out
+    _unfinish(store, 0)
+    assert main(args) == 0
+    assert "network      the store's own, reused" in capsys.readouterr().out
