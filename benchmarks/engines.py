@@ -2,7 +2,8 @@
 
     python benchmarks/engines.py ../shared/datasets/caltech101 --limit 1600 \
         --exclude-class BACKGROUND_Google [--engines local,dask,spark] [--workers 2] \
-        [--repeats 2] [--out runs/engines] [--json] [--quick]
+        [--backend openvino] [--precision int8] [--repeats 2] [--out runs/engines] [--json]
+        [--quick]
 
 On the same images (a seeded, class-mixed subset of ``--limit`` images) and the same model:
 
@@ -18,8 +19,13 @@ On the same images (a seeded, class-mixed subset of ``--limit`` images) and the 
    the reference implementation where its weights package names one -- eager, batch 32,
    then a single-process head on the features), (a') the same loop on deeptransfer's
    backbone (``pytorch_dt``), (b) Spark's ``predict_batch_udf`` over a ``binaryFile``
-   DataFrame, (c) the forward-only compute limit (featurize.py's measurement, best of
-   eager batch 8/16); see peers.py;
+   DataFrame, (c) Ray Data's ``read_binary_files`` + ``map_batches`` on an actor pool of
+   one actor per worker (``ray.init`` reported apart as its start-up; the ``benchmarks``
+   extra), (d) the forward-only compute limit of torch (featurize.py's measurement, best
+   of eager batch 8/16); see peers.py. The engines featurize with ``--backend`` (default:
+   deeptransfer's default backend) and ``--precision``, the same for all of them, shown in
+   the table's backend column; the ratios the targets name (Dask and Spark to local, local
+   to Ray Data, to the PyTorch loop and to ``predict_batch_udf``) are printed together;
 3. how cost grows: the local engine with 1 and 2 workers featurizes and trains on 1/4, 1/2
    and all of the images; a table, a log-log plot and the fitted slope of log(time) against
    log(images) (1.0 is linear).
@@ -71,11 +77,12 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 ENGINES = ("local", "dask", "spark")
-PEERS = ("pytorch", "pytorch_dt", "spark_udf", "forward_limit")
+PEERS = ("pytorch", "pytorch_dt", "spark_udf", "ray_data", "forward_limit")
 LABELS = {
     "local": "deeptransfer local", "dask": "deeptransfer dask", "spark": "deeptransfer spark",
     "pytorch": "plain PyTorch loop", "pytorch_dt": "PyTorch loop, our backbone",
     "spark_udf": "Spark predict_batch_udf",
+    "ray_data": "Ray Data map_batches",
     "forward_limit": "forward-only limit",
 }
 #: the fields every result has in the JSON (None where a peer has no such step)
@@ -215,9 +222,12 @@ def featurize_on(ex: Any, manifest: Any, store: str, spec: dict[str, Any]) -> di
 
     rep = run_featurize(ex, manifest, store, model=ModelSpec(spec["model"]),
                         batch_size=spec["batch_size"], chunk_rows=spec["chunk_rows"],
+                        backend=spec.get("backend"), precision=spec.get("precision", "auto"),
                         progress=on_chunk, overwrite=True)
     n = max(rep.computed_now, 1)
     return {"images": rep.images, "featurized": rep.featurized, "skipped": len(rep.skipped),
+            "backend": rep.backend + ("-int8" if rep.quantization else ""),
+            "backend_network": rep.backend_network,
             "featurize_seconds": rep.seconds,
             "featurize_ips": rep.computed_now / rep.seconds if rep.seconds > 0 else 0.0,
             "tasks": parts["tasks"],
@@ -416,6 +426,36 @@ def child_spark_udf(spec: dict[str, Any]) -> dict[str, Any]:
             **merge_rss(rss_f.summary())}
 
 
+def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data's batch inference (peers.featurize_ray): ``ray.init`` timed as start-up,
+    then read_binary_files + map_batches on one actor per worker, same images and model."""
+    import peers
+
+    def ray_workers() -> list[int]:  # Ray's worker processes (actors, read/write tasks)
+        import psutil
+
+        return [p.pid for p in psutil.Process().children(recursive=True)
+                if "ray::" in " ".join(p.cmdline()[:1])]
+
+    manifest = _load_manifest(spec["manifest"])
+    with TreeRSS(ray_workers) as rss_s:
+        startup = peers.start_ray(spec["workers"])
+    try:
+        with TreeRSS(ray_workers) as rss_f:
+            out = peers.featurize_ray(manifest.paths, os.path.join(spec["work"], "ray.parquet"),
+                                      model=spec["model"], workers=spec["workers"])
+    finally:
+        import ray
+
+        ray.shutdown()
+    return {"kind": "peer", "name": "ray_data", "workers": spec["workers"],
+            "startup_seconds": startup, "images": len(manifest), "featurized": out["images"],
+            "featurize_seconds": out["seconds"], "featurize_ips": len(manifest) / out["seconds"],
+            "train_epoch_seconds": None, "round_overhead_ms": None,
+            "rss": {"startup": rss_s.summary(), "featurize": rss_f.summary()},
+            **merge_rss(rss_f.summary())}
+
+
 def child_forward_limit(spec: dict[str, Any]) -> dict[str, Any]:
     import peers
 
@@ -529,7 +569,7 @@ def child_cost_inputs(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 CHILDREN = {"engine": child_engine, "pytorch": child_pytorch, "pytorch_dt": child_pytorch,
-            "spark_udf": child_spark_udf,
+            "spark_udf": child_spark_udf, "ray_data": child_ray,
             "forward_limit": child_forward_limit, "scaling": child_scaling,
             "cost_inputs": child_cost_inputs}
 
@@ -634,7 +674,7 @@ def aggregate(runs: list[dict[str, Any]], target: float | None) -> dict[str, Any
                       for k in ("featurize_ips", "train_epoch_seconds", "round_overhead_ms",
                                 "peak_rss_mb", "startup_seconds")}
     for k in ("worker_ms_per_image", "per_batch_ips", "best_batch", "threads",
-              "torch_threads_per_worker", "malloc_tunables"):
+              "torch_threads_per_worker", "malloc_tunables", "backend"):
         if k in runs[0]:
             out[k] = runs[0][k] if not isinstance(runs[0][k], dict) else {
                 kk: _median([r[k].get(kk) for r in runs]) for kk in runs[0][k]}
@@ -718,21 +758,29 @@ def markdown(out: dict[str, Any]) -> str:
         f"training {out['epochs']} epochs (Adam 1e-3, cosine, batch 32 per worker, averaging "
         f"every 5 minibatches); target validation top-1 {_f(out['target_val_top1'], '{:.3f}')}",
         "",
-        "| | start-up s | featurize img/s | x local | epoch s | x local | round compute ms | "
-        "round overhead ms (p90) | s to target | peak RSS MB: total / driver / workers | x local |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| | backend | start-up s | featurize img/s | x local | epoch s | x local | "
+        "round compute ms | round overhead ms (p90) | s to target | "
+        "peak RSS MB: total / driver / workers | x local |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
         q = r["ratio_to_local"]
         workers = " + ".join(f"{v:.0f}" for v in r.get("worker_peak_rss_mb") or []) or "-"
         lines.append(
-            f"| {r['label']} | {_f(r['startup_seconds'])} | {_f(r['featurize_ips'])} | "
+            f"| {r['label']} | {r.get('backend') or 'torch'} | {_f(r['startup_seconds'])} | "
+            f"{_f(r['featurize_ips'])} | "
             f"{_f(q['featurize_ips'], '{:.2f}')} | {_f(r['train_epoch_seconds'], '{:.3f}')} | "
             f"{_f(q['train_epoch_seconds'], '{:.2f}')} | {_f(r.get('round_compute_ms'))} | "
             f"{_f(r['round_overhead_ms'])} ({_f(r.get('round_overhead_p90_ms'))}) | "
             f"{_f(r.get('time_to_target_seconds'))} | {_f(r['peak_rss_mb'], '{:.0f}')} / "
             f"{_f(r.get('driver_peak_rss_mb'), '{:.0f}')} / {workers} | "
             f"{_f(q['peak_rss_mb'], '{:.2f}')} |")
+    ratios = featurize_ratios(res)
+    if ratios:
+        lines += ["", "Featurize throughput ratios, same run, same images (targets of issue 13: "
+                  "Dask >= 0.9x and Spark >= 0.85x local with the same backend; local >= 3x "
+                  "Ray Data, >= 6x the plain PyTorch loop and Spark's predict_batch_udf):", ""]
+        lines += [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
     eng = {k: r for k, r in res.items() if r["kind"] == "engine"}
     if eng:
         lines += ["", "Where the engines' time goes (medians). Worker ms per image: inside the "
@@ -783,6 +831,23 @@ def markdown(out: dict[str, Any]) -> str:
         lines += ["", "## Cost model at 10-1,000 workers (docs/scaling.md)", "",
                   cost_model_markdown(out["cost_model"])]
     return "\n".join(lines) + "\n"
+
+
+def featurize_ratios(res: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The engines against local, and local against each user-written peer (featurize)."""
+    local = (res.get("local") or {}).get("featurize_ips")
+    out: dict[str, float] = {}
+    if not local:
+        return out
+    for name in ("dask", "spark"):
+        v = (res.get(name) or {}).get("featurize_ips")
+        if v:
+            out[f"{name} / local"] = v / local
+    for name in ("ray_data", "pytorch", "spark_udf", "pytorch_dt", "forward_limit"):
+        v = (res.get(name) or {}).get("featurize_ips")
+        if v:
+            out[f"local / {LABELS[name]}"] = local / v
+    return out
 
 
 def plots(out: dict[str, Any], out_dir: str) -> list[str]:
@@ -1010,6 +1075,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="validation top-1 to time (default 0.95 x the lowest best of all runs)")
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--batch-size", type=int, default=16, help="featurize batch (the project default)")
+    ap.add_argument("--backend", default=None, choices=["torch", "openvino", "onnxruntime"],
+                    help="the engines' featurize backend (default: deeptransfer's default, "
+                         "deeptransfer.backends.DEFAULT_BACKEND, torch if not installed)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "int8"],
+                    help="int8: the engines featurize with the backend's int8 prefix")
     ap.add_argument("--chunk-rows", type=int, default=64,
                     help="images per featurize task (default 64: every size here splits into "
                          "enough tasks for both workers)")
@@ -1055,7 +1125,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(man_path, "wb") as f:
         pickle.dump(manifest, f)
     data_dir = link_subset(manifest, os.path.join(work, "data"))  # the binaryFile peer's input
+    from deeptransfer.backends import resolve_backend
+
+    backend, _ = resolve_backend(args.backend, precision=args.precision)
     base = {"manifest": man_path, "model": args.model, "batch_size": args.batch_size,
+            "backend": backend, "precision": args.precision,
             "chunk_rows": args.chunk_rows, "epochs": epochs, "seed": args.seed,
             "workers": args.workers, "images": n, "data_dir": data_dir,
             "forward_seconds": 0.5 if args.quick else 4.0}
@@ -1064,7 +1138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (lambda *a: print(*a, flush=True))
     counts = manifest.split_counts()
     say(f"{n} images ({counts['train']} train / {counts['val']} val / {counts['test']} test), "
-        f"{len(manifest.classes)} classes, {args.model}; engines {engines}, peers {peer_list}, "
+        f"{len(manifest.classes)} classes, {args.model}, backend {backend}"
+        f"{' int8' if args.precision == 'int8' else ''}; engines {engines}, peers {peer_list}, "
         f"{repeats} repeat(s), {epochs} epochs")
 
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -1141,10 +1216,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dataset": args.dataset, "model": args.model, "images": n,
         "classes": len(manifest.classes), "split_counts": counts, "workers": args.workers,
         "repeats": repeats, "epochs": epochs, "batch_size": args.batch_size,
+        "backend": backend, "precision": args.precision,
         "chunk_rows": args.chunk_rows, "target_val_top1": target,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(), "command": cmd, "quick": args.quick,
-        "results": results,
+        "results": results, "featurize_ratios": featurize_ratios(results),
         "scaling": scaling_summary(scaling_children) if scaling_children else None,
         "cost_inputs": cost,
         "seconds": time.perf_counter() - t_all,

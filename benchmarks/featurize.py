@@ -7,10 +7,15 @@ Per inference backend (torch, openvino, onnxruntime; deeptransfer.backends) it p
 forward-only limit (one process, every core, ready tensors, the best batch size) and the
 end-to-end throughput of `deeptransfer featurize --backend NAME` on the same images, each as a
 ratio to torch's forward-only limit. ``--backend best`` (default) runs every installed
-backend end to end and reports the fastest; ``--precision int8`` adds the int8 prefix
-(openvino) end to end, with the LogisticRegression probe accuracy of every store's features
-(train/test halves of the images, the same for all) against torch's; ``--ray`` runs the Ray
-Data peer (benchmarks/peers.py) on the same images and prints the ratio to it.
+backend end to end and reports the fastest; ``--precision int8`` adds each compiled
+backend's int8 forward-only limit and the int8 prefix end to end (the default backend's,
+and any other's whose int8 limit beats its float32 one), with the LogisticRegression probe
+accuracy of every store's features (train/test halves of the images, the same for all)
+against torch's, and for int8 and torch the accuracy under the 30-per-class protocol of
+benchmarks/accuracy.py (its code: 30 train / 5 val per class, the rest the test); it prints
+where a worker's time goes per image (read + decode, resize + normalize, forward) and the
+ceiling that gives. ``--ray`` runs the Ray Data peer (benchmarks/peers.py) on the same
+images and prints the ratio to it.
 
 Prints, from one run on the same images:
 - the forward-only throughput of the model on ready tensors (the compute limit): eager and
@@ -210,12 +215,69 @@ def probe_accuracy(store: str, seed: int = 0) -> float | None:
     return float((clf.predict(scaler.transform(xs["test"])) == ys["test"]).mean())
 
 
-def run_cli_featurize(data: str, store: str, args, backend: str, precision: str = "auto"
-                      ) -> tuple[dict, int]:
+class ProtocolSplit:
+    """A store's features under the 30-per-class protocol (benchmarks/accuracy.py): N
+    training and M validation images per class drawn as ``load_dataset(per_class_train=N)``
+    draws them, the rest the test; the store's own split is ignored. What
+    ``accuracy.reference_logreg`` reads, so the protocol's code is reused, not copied."""
+
+    def __init__(self, store, codes: np.ndarray):
+        self.store, self.codes, self.classes = store, codes, store.classes
+        self.ok = np.asarray(store["ok"][:], bool)
+
+    def split_rows(self, split: str) -> np.ndarray:
+        from deeptransfer.dataset import split_code
+
+        return np.flatnonzero((self.codes == split_code(split)) & self.ok)
+
+
+def protocol_split_codes(store, dataset: str, exclude: list[str], per_class_train: int = 30,
+                         per_class_val: int = 5, seed: int = 0) -> np.ndarray:
+    """Each store row's split code under the per-class protocol (matched by path)."""
+    from deeptransfer.dataset import load_dataset
+
+    m = load_dataset(dataset, per_class_train=per_class_train, per_class_val=per_class_val,
+                     seed=seed, exclude_classes=exclude)
+    code = {os.path.realpath(p): int(c) for p, c in zip(m.paths, m.split)}
+    return np.array([code[os.path.realpath(str(p))] for p in store["paths"][:]], np.int8)
+
+
+def protocol_accuracy(store_url: str, codes: np.ndarray, seed: int = 0) -> dict | None:
+    """Mean per-class and top-1 test accuracy of benchmarks/accuracy.py's LogisticRegression
+    reference (C chosen on the validation images) on the store's features (None: no sklearn)."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return None
+    from accuracy import reference_logreg  # benchmarks/accuracy.py
+
+    from deeptransfer.dataset import split_code
+    from deeptransfer.store import open_store
+
+    st = open_store(store_url)
+    if any((codes == split_code(k)).sum() == 0 for k in ("train", "val", "test")):
+        return None  # a subset too small for the protocol (--limit): no validation images
+    r = reference_logreg(ProtocolSplit(st, codes), seed, read=lambda v, rows: st.read_rows(rows))
+    return {"mean_per_class": r["mean_per_class"], "top1": r["top1"], "C": r["C"]}
+
+
+def decode_ms(paths: list[str], target: int) -> float:
+    """Milliseconds per image to read and decode (one thread), as a worker does."""
+    from deeptransfer.featurization import load_image
+
+    t0 = time.perf_counter()
+    for p in paths:
+        load_image(p, target)
+    return 1e3 * (time.perf_counter() - t0) / len(paths)
+
+
+def run_cli_featurize(data: str, store: str, args, backend: str, precision: str = "auto",
+                      batch_size: int | None = None) -> tuple[dict, int]:
     """`deeptransfer featurize` in a fresh process, as a user runs it; (report, peak RSS)."""
     cmd = [sys.executable, "-m", "deeptransfer", "featurize", data, store, "--model",
            args.model, "--json", "--backend", backend, "--split", "train=0.5,test=0.5"]
     cmd += ["--precision", precision] if precision != "auto" else []
+    cmd += ["--batch-size", str(batch_size)] if batch_size else []
     cmd += ["--layer", args.layer] if args.layer else []
     cmd += ["--workers", str(args.workers)] if args.workers else []
     for c in args.exclude_class if data == args.dataset else ():  # a subset has no such folder
@@ -245,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backend", default="best",
                     help="torch, openvino, onnxruntime, or best: every installed one")
     ap.add_argument("--precision", default="float32", choices=["float32", "int8"],
-                    help="int8: also the int8 openvino prefix, with its probe accuracy")
+                    help="int8: also each compiled backend's int8 prefix, forward-only and "
+                         "end to end, with its accuracy under the 30-per-class protocol")
     ap.add_argument("--ray", action="store_true", help="also the Ray Data peer (peers.py)")
     ap.add_argument("--exclude-class", action="append", default=[])
     ap.add_argument("--json", action="store_true")
@@ -307,6 +370,22 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"forward {name:14s} batch {b:3d}: {per[b]:7.1f} img/s", flush=True)
         bb = max(per, key=per.get)
         other_best[name] = (bb, per[bb])
+    int8 = [b for b in backends if b != "torch"] if args.precision == "int8" else []
+    for name in int8:  # calibrated on the ready batch: a timing, not an accuracy
+        per = {}
+        for b in sizes:
+            per[b] = backend_forward_ips(name, args.model, args.layer, ready[:b], args.seconds,
+                                         cores, precision="int8", calibration=[ready[:b]])
+            out["forward_candidates"][f"{name}-int8/{b}"] = round(per[b], 1)
+            print(f"forward {name + '-int8':14s} batch {b:3d}: {per[b]:7.1f} img/s", flush=True)
+        bb = max(per, key=per.get)
+        other_best[f"{name}-int8"] = (bb, per[bb])
+
+    # where a worker's time goes, per image on one core: read + decode, resize + normalize
+    # (the fused kernel), the forward pass of each backend at its best batch (its limit
+    # measured on every core, times the cores): the end-to-end ceiling is cores / their sum
+    stage = {"decode_ms": decode_ms(manifest.paths[: min(256, n)], pp.resize),
+             "preprocess_ms": out["kernel_ms_per_image"]}
 
     # 3. end-to-end per backend, bracketed by torch's best forward configuration again. The
     # run is the real CLI in a fresh process (its peak RSS is then the job's, not this
@@ -314,21 +393,40 @@ def main(argv: list[str] | None = None) -> dict:
     before = forward_ips(compiled_modules[best_mode], ready[:best_b], args.seconds)
     work = tempfile.mkdtemp(prefix="dt-bench-")
     data = link_subset(manifest, os.path.join(work, "data")) if n < args.full_n else args.dataset
-    runs = [(b, "auto") for b in backends]
-    if args.precision == "int8" and backend_available("openvino"):
-        runs.append(("openvino", "int8"))
+    # int8 end to end for the default backend, and another where it pays (its forward-only
+    # limit beats the same backend's float32)
+    from deeptransfer.backends import DEFAULT_BACKEND
+
+    paying = [b for b in int8 if b == DEFAULT_BACKEND
+              or other_best[f"{b}-int8"][1] > other_best[b][1]]
+    out["int8_not_run_end_to_end"] = sorted(set(int8) - set(paying))
+    runs = [(b, "auto") for b in backends] + [(b, "int8") for b in paying]
+    codes = None
     e2e: dict[str, dict] = {}
     for name, precision in runs:
         key = name if precision == "auto" else f"{name}-int8"
         store = os.path.join(work, f"{key}.zarr")
-        rep, peak = run_cli_featurize(data, store, args, name, precision)
+        # each backend at the batch size of its forward-only limit
+        batch = best_b if name == "torch" else other_best[key][0]
+        rep, peak = run_cli_featurize(data, store, args, name, precision, batch)
         e2e[key] = {"end_to_end_ips": n / rep["seconds"], "end_to_end_seconds": rep["seconds"],
+                    "batch_size": batch,
                     "featurized": rep["featurized"], "skipped": len(rep["skipped"]),
                     "peak_rss_mb": peak / 2**20, "store_bytes": rep["store_bytes"],
+                    "backend_network": rep.get("backend_network"),
                     "probe_accuracy": probe_accuracy(store)}
+        if int8 and (name == "torch" or precision == "int8"):
+            # the accuracy cost of int8 under the 30-per-class protocol (accuracy.py)
+            from deeptransfer.store import open_store
+
+            if codes is None:
+                codes = protocol_split_codes(open_store(store), data, [])
+            e2e[key]["protocol_30"] = protocol_accuracy(store, codes)
         print(f"end-to-end featurize --backend {key}: {e2e[key]['end_to_end_ips']:.1f} img/s "
-              f"({rep['seconds']:.1f} s, peak RSS {e2e[key]['peak_rss_mb']:.0f} MB, probe "
-              f"accuracy {e2e[key]['probe_accuracy']})", flush=True)
+              f"({rep['seconds']:.1f} s, batch {batch}, peak RSS "
+              f"{e2e[key]['peak_rss_mb']:.0f} MB, probe accuracy {e2e[key]['probe_accuracy']}"
+              + (f", 30-per-class mean per-class {e2e[key]['protocol_30']['mean_per_class']:.4f}"
+                 if e2e[key].get("protocol_30") else "") + ")", flush=True)
     after = forward_ips(compiled_modules[best_mode], ready[:best_b], args.seconds)
     limit = statistics.median([best, before, after])
     limits = {"torch": limit, **{k: v[1] for k, v in other_best.items()}}
@@ -338,6 +436,24 @@ def main(argv: list[str] | None = None) -> dict:
         for rec in e2e.values():
             rec["probe_delta_points_vs_torch"] = 100 * (rec["probe_accuracy"]
                                                        - e2e["torch"]["probe_accuracy"])
+    ref30 = e2e.get("torch", {}).get("protocol_30")
+    for rec in e2e.values():
+        if ref30 and rec.get("protocol_30"):
+            rec["protocol_30_delta_points_vs_torch"] = 100 * (
+                rec["protocol_30"]["mean_per_class"] - ref30["mean_per_class"])
+    for key in e2e:
+        fwd = limit if key == "torch" else limits[key]
+        stage[f"forward_ms_{key}"] = 1e3 * cores / fwd
+        total = stage["decode_ms"] + stage["preprocess_ms"] + stage[f"forward_ms_{key}"]
+        stage[f"ceiling_ips_{key}"] = 1e3 * cores / total
+    out["stages_ms_per_image_per_core"] = stage
+    int8_runs = {k: v for k, v in e2e.items() if k.endswith("-int8")}
+    if int8_runs:
+        best8 = max(int8_runs, key=lambda k: int8_runs[k]["end_to_end_ips"])
+        out["int8"] = {"backend": best8, "end_to_end_ips": int8_runs[best8]["end_to_end_ips"],
+                       "ratio": int8_runs[best8]["end_to_end_ips"] / limit,
+                       "protocol_30_delta_points_vs_torch":
+                           int8_runs[best8].get("protocol_30_delta_points_vs_torch")}
     fp32 = {k: v for k, v in e2e.items() if not k.endswith("-int8")}
     chosen = max(fp32, key=lambda k: fp32[k]["end_to_end_ips"]) if args.backend == "best" \
         else args.backend
@@ -379,7 +495,23 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"end-to-end {key:16s}: {rec['end_to_end_ips']:7.1f} img/s = {rec['ratio']:.2f}x "
               f"torch's forward limit; probe accuracy {_acc(rec['probe_accuracy'])}"
               + (f" ({delta:+.2f} points vs torch)" if delta is not None else ""))
+    for key, rec in e2e.items():
+        if rec.get("protocol_30"):
+            d = rec.get("protocol_30_delta_points_vs_torch")
+            print(f"30-per-class protocol {key:16s}: mean per-class "
+                  f"{rec['protocol_30']['mean_per_class']:.4f}, top-1 "
+                  f"{rec['protocol_30']['top1']:.4f}"
+                  + (f" ({d:+.2f} points vs torch)" if d is not None else ""))
+    print(f"per image on one core: read+decode {stage['decode_ms']:.2f} ms, resize+normalize "
+          f"{stage['preprocess_ms']:.2f} ms, forward "
+          + ", ".join(f"{k} {stage[f'forward_ms_{k}']:.2f} ms (ceiling "
+                      f"{stage[f'ceiling_ips_{k}']:.0f} img/s)" for k in e2e))
     print(f"best: --backend {chosen}, ratio end-to-end / torch forward limit: {out['ratio']:.3f}")
+    if "int8" in out:
+        d = out["int8"]["protocol_30_delta_points_vs_torch"]
+        print(f"best int8: --backend {out['int8']['backend'].removesuffix('-int8')} --precision "
+              f"int8, ratio end-to-end / torch forward limit: {out['int8']['ratio']:.3f}"
+              + (f", 30-per-class accuracy {d:+.2f} points vs torch" if d is not None else ""))
     print(f"kernel speed-up vs PIL + NumPy: {out['kernel_speedup']:.2f}x")
     print(f"peak RSS of a featurize job (driver + workers): {out['peak_rss_mb']:.0f} MB")
     if args.json:

@@ -307,6 +307,12 @@ def _print_featurize(rep: Any, as_json: bool) -> None:
         print(f"backend      {rep.backend}" + (f", int8 calibrated on {quant['images']} "
                                                f"training images (seed {quant['seed']})"
                                                if quant else ""))
+    net = getattr(rep, "backend_network", None)
+    if net:  # the compiled network, prepared once for the job and kept in the store
+        size = sum(net["files"].values()) / 2**20
+        print(f"network      " + (f"built once in {net['seconds']:.1f} s" if net["built_now"]
+                                  else "the store's own, reused") + f" ({size:.1f} MB in the "
+              "store's _backend/)")
     if rep.train_views:
         print(f"train views  {rep.train_views} per training image ({rep.view_rows} rows)")
     if _reused(rep):

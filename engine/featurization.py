@@ -51,6 +51,9 @@ class FeaturizeSpec:
     # driver; with precision "int8", the calibration sample's image paths (seeded, train split)
     backend: str = "torch"
     calibration: tuple = ()
+    #: the job's prepared network in the store (``backends.prepared.spec_artifact``: file,
+    #: sha256, size): the workers compile it; empty: they build the backend themselves
+    artifact: tuple = ()
 
     @property
     def options(self) -> dict[str, Any]:
@@ -86,9 +89,16 @@ class _Runner:
             raise EngineUnavailableError(
                 "device='cuda' was asked for but torch sees no CUDA GPU on this worker. "
                 "Run on a GPU machine, or use device='cpu'.")
-        self.backbone = create_backbone(spec.model, pooled=not spec.keep_maps)
-        self.pp = self.backbone.preprocess
-        self.feature_dim = self.backbone.feature_dim
+        if spec.artifact:  # the job's prepared network (backends.prepared): no torch model
+            from .models import get_model_info
+
+            info = get_model_info(spec.model.name)
+            self.backbone = None
+            self.pp, self.feature_dim = info.preprocess, info.layers[spec.model.layer]
+        else:
+            self.backbone = create_backbone(spec.model, pooled=not spec.keep_maps)
+            self.pp = self.backbone.preprocess
+            self.feature_dim = self.backbone.feature_dim
         #: the shape of one image's features: (D,), or (C, H, W) for a kept map
         self.feature_shape: tuple[int, ...] = (self.feature_dim,)
         if spec.keep_maps:
@@ -96,7 +106,9 @@ class _Runner:
 
             self.feature_shape = map_shape(spec.model, spec.model.layer)
         self.batch_size = spec.batch_size
-        module: Any = self.backbone.to(self.device).to(memory_format=torch.channels_last)
+        module: Any = None
+        if self.backbone is not None:
+            module = self.backbone.to(self.device).to(memory_format=torch.channels_last)
         self.dtype = torch.float32
         if self.device.type == "cuda":
             self.dtype = {"float16": torch.float16, "float32": torch.float32}.get(
@@ -157,7 +169,7 @@ def get_runner(spec: FeaturizeSpec) -> _Runner:
 
         return get_multi_runner(spec)  # type: ignore[return-value]
     parts = (spec.model, spec.keep_maps, spec.batch_size, spec.compile, spec.device,
-             spec.precision, spec.backend, spec.calibration,
+             spec.precision, spec.backend, spec.calibration, spec.artifact,
              # a compiled backend's threads are fixed when it is built (torch's are set per task)
              spec.threads if spec.backend != "torch" else None)
     return worker_state.get(RUNNERS, parts, lambda: _Runner(spec))
@@ -525,6 +537,9 @@ class FeaturizeReport:
     #: the frozen prefix's inference backend, and its int8 calibration (None: float)
     backend: str = "torch"
     quantization: dict | None = None
+    #: the backend's network prepared once for the job (None: torch, or nothing computed):
+    #: built now or reused from the store, its build seconds and file sizes
+    backend_network: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -647,13 +662,19 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
         warnings.append(f"{len(repaired)} damaged chunk(s) of the store were found and are "
                         f"computed again: {repaired[:10]}")
     pending = store.pending_chunks()
+    artifact, prepared, batch_size = _prepared_network(
+        executor, store, store_url, mspec, backend=backend, precision=precision,
+        keep_maps=keep_maps, batch_size=batch_size, calibration=calibration,
+        storage_options=storage_options, source=manifest.source,
+        max_image_bytes=max_image_bytes, pending=bool(pending), warnings=warnings)
     spec = FeaturizeSpec(store_url=store_url, model=mspec,
                          storage_options=tuple(sorted(dict(storage_options or {}).items())),
                          batch_size=batch_size, compile=compile, device=device,
                          precision=precision, views=views, max_image_bytes=max_image_bytes,
                          threads=executor.threads_per_worker, keep_maps=keep_maps,
                          train_views=train_views, seed=seed, source=manifest.source,
-                         backend=backend, calibration=calibration)
+                         backend=backend, calibration=() if artifact else calibration,
+                         artifact=artifact)
     todo_rows = sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in pending)
     bar = None
     if progress is True:
@@ -685,7 +706,37 @@ def _featurize_locked(executor: Executor, manifest: Manifest, store_url: str, ms
         reused=store.reused and todo_rows == 0 and not repaired, repaired_chunks=repaired,
         feature_shape=list(feature_shape), train_views=train_views.k,
         view_rows=store.n_rows - store.n_images, backend=backend,
-        quantization=store.attrs.get("quantization"))
+        quantization=store.attrs.get("quantization"), backend_network=prepared)
+
+
+def _prepared_network(executor: Executor, store: Any, store_url: str, mspec: Any, *,
+                      backend: str, precision: str, keep_maps: bool, batch_size: int,
+                      calibration: tuple, storage_options: Mapping | None, source: Any,
+                      max_image_bytes: int, pending: bool, warnings: list[str]
+                      ) -> tuple[tuple, dict | None, int]:
+    """The job's compiled backend, built once (deeptransfer.backends.prepared): the workers'
+    ``FeaturizeSpec.artifact``, what the report says of it, and the batch size the workers
+    run (a resume keeps the one the store's network was built for). Torch, several
+    backbones (each part's runner builds its own) and a complete store need none."""
+    from .models.composite import is_composite
+
+    if backend == "torch" or is_composite(mspec) or not pending:
+        return (), None, batch_size
+    from .backends.prepared import PrepareSpec, prepare_network, spec_artifact
+
+    pspec = PrepareSpec(store_url=store_url, model=mspec, backend=backend,
+                        precision=precision, keep_maps=keep_maps, batch_size=batch_size,
+                        threads=executor.threads_per_worker, calibration=calibration,
+                        storage_options=tuple(sorted(dict(storage_options or {}).items())),
+                        source=source, max_image_bytes=max_image_bytes)
+    record, built = prepare_network(executor, store, pspec)
+    if int(record["batch_size"]) != batch_size:
+        warnings.append(f"the store's {backend} network was built for batch size "
+                        f"{record['batch_size']}: this resume runs that one, not {batch_size}")
+        batch_size = int(record["batch_size"])
+    report = {"built_now": built, "seconds": record.get("seconds"),
+              "files": {k: v["size"] for k, v in record["files"].items()}}
+    return spec_artifact(record), report, batch_size
 
 
 def _backend_choice(backend: str | None, store_url: str, storage_options: Mapping | None,

@@ -36,6 +36,10 @@ ARRAYS = ("features", "labels", "split", "paths", "ok", "reasons", "done")
 # files (``<key>.<32 hex>.partial``) that a write killed mid-way can leave behind
 _KEY = re.compile(r"zarr\.json|zarr\.[0-9a-f]{32}\.partial|(%s)/(zarr\.json|zarr\.[0-9a-f]{32}"
                   r"\.partial|c(/\d+)+|c(/\d+)*/\d+\.[0-9a-f]{32}\.partial)" % "|".join(ARRAYS))
+#: the store-owned folder of the backend's prepared network (deeptransfer.backends.prepared)
+# and the files it holds: removed with the store (--overwrite), nothing else in it
+BACKEND_FOLDER = "_backend"
+_BACKEND_KEY = re.compile(r"_backend/prefix\.(xml|bin|onnx)")
 
 
 @dataclass(frozen=True)
@@ -164,12 +168,12 @@ def remove_store(p: Place) -> None:
     else:
         base = p.path.rstrip("/") + "/"
         keys = [k[len(base):] for k in p.fs.find(p.path) if k.startswith(base)]
-    ours = [k for k in keys if _KEY.fullmatch(k)]
+    ours = [k for k in keys if _KEY.fullmatch(k) or _BACKEND_KEY.fullmatch(k)]
     with write_errors(p.url):
         if p.local:
             for k in ours:
                 os.unlink(os.path.join(p.path, k))
-            for name in ARRAYS:  # folders zarr made and that are now empty, deepest first
+            for name in (*ARRAYS, BACKEND_FOLDER):  # folders we made, now empty, deepest first
                 top = os.path.join(p.path, name)
                 for d, _, _ in sorted(os.walk(top), key=lambda t: -len(t[0])):
                     try:

@@ -3,10 +3,13 @@
     backend = build_backend("openvino", backbone, batch_size=16, threads=1)
     feats = backend.features(buffer, views="center")   # buffer: the runner's NHWC batch
 
-A backend is built once per worker process from the torch prefix module (``_Runner`` caches
-it in ``worker_state``; nothing compiled travels from the driver): OpenVINO and ONNX Runtime
-compile the network exported by the one ONNX export path (``models.export``), with the
-batch's static shape and the worker's thread count. It runs the kernels' batch buffer as it
+For a featurize job the network is *prepared* once (``prepared``): one engine task exports
+it through the one ONNX export path (``models.export``) and, for int8, calibrates and
+quantizes it, then writes it into the store (``_backend/``, digests in the store's attrs);
+each worker process reads that file, checks its digest and compiles it once (``_Runner``
+caches it in ``worker_state``; nothing is pickled from the driver). Elsewhere (predict, the
+Spark ML stages) a worker builds its backend from the torch prefix module itself. Either
+way the compiled network has the batch's static shape and the worker's thread count. It runs the kernels' batch buffer as it
 is, NHWC float32 (the exported graph starts with the permute to NCHW, which the runtimes fold
 into the first convolution: no copy per batch), and returns features as numpy.
 

@@ -40,18 +40,32 @@ def calibration_attrs(backend: str, sample: Sequence[str], *, seed: int,
 
 
 def calibration_batches(runner: Any, paths: Sequence[str], storage_options: Any = None,
-                        max_bytes: int | None = None) -> list[np.ndarray]:
+                        max_bytes: int | None = None, source: Any = None) -> list[np.ndarray]:
     """The sample's center views, preprocessed as featurize does, in batches of the runner's
-    static size (a last partial batch is filled with the sample's first images again)."""
+    static size (a last partial batch is filled with the sample's first images again).
+    ``source``: the store's ``deeptransfer.sources.Source``, whose reader turns a ref into
+    bytes where the refs are not files (None: they are)."""
     from ..featurization import DEFAULT_MAX_IMAGE_BYTES, load_image, preprocess_batch
+    from ..kernels import decode_image
 
+    limit = max_bytes or DEFAULT_MAX_IMAGE_BYTES
+    reader = None if source is None or source.reads_files else source.reader(storage_options,
+                                                                              limit)
     images = []
-    for p in paths:
-        try:
-            images.append(load_image(p, runner.pp.resize, storage_options,
-                                     max_bytes=max_bytes or DEFAULT_MAX_IMAGE_BYTES))
-        except Exception:  # noqa: BLE001 - a bad file is skipped here as in featurize
-            continue
+    try:
+        for p in paths:
+            try:
+                if reader is not None:
+                    images.append(decode_image(reader.read(str(p)),
+                                               target_short_side=runner.pp.resize))
+                else:
+                    images.append(load_image(p, runner.pp.resize, storage_options,
+                                             max_bytes=limit))
+            except Exception:  # noqa: BLE001 - a bad file is skipped here as in featurize
+                continue
+    finally:
+        if reader is not None:
+            reader.close()
     if not images:
         raise InvalidParameterError("precision 'int8': none of the calibration images could "
                                     "be read", param="precision")
@@ -66,10 +80,15 @@ def calibration_batches(runner: Any, paths: Sequence[str], storage_options: Any 
 
 
 def runner_backend(runner: Any, spec: Any) -> Any:
-    """The backend of a featurize runner (``featurization._Runner``), built from its torch
-    module: torch's is the module itself; OpenVINO's / ONNX Runtime's are compiled here."""
+    """The backend of a featurize runner (``featurization._Runner``): the job's prepared
+    network read from its store (``spec.artifact``), else built from the runner's torch
+    module (torch's is the module itself; OpenVINO's / ONNX Runtime's are compiled here)."""
     from . import build_backend
 
+    if getattr(spec, "artifact", ()):  # the job's network, prepared once (backends.prepared)
+        from .prepared import load_network
+
+        return load_network(spec)
     calibration: list[np.ndarray] = []
     if spec.precision == "int8":
         calibration = calibration_batches(runner, spec.calibration, spec.options,

@@ -1,9 +1,10 @@
 """The ONNX Runtime backend: the exported ONNX prefix in an InferenceSession, one per worker."""
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -13,33 +14,61 @@ INT8_METHOD = ("onnxruntime.quantization.quantize_static: QDQ int8 (per-channel 
                "MinMax activations) on the center views of the sample")
 
 
+#: the file of a saved network (``save_network``)
+FILES = ("prefix.onnx",)
+
+
 class ONNXRuntimeBackend(Features):
     """A CPU InferenceSession with every graph optimisation, ``threads`` intra-op threads and
-    one inter-op thread (the engine runs one process per core)."""
+    one inter-op thread (the engine runs one process per core).
+
+    Built from a torch prefix (exported here, for predict and the Spark ML stages) or, for a
+    featurize job, from the network its prepare step saved once (``from_files``)."""
 
     name = "onnxruntime"
 
     def __init__(self, module: Any, *, batch_size: int, crop: int, threads: int,
                  precision: str = "auto", calibration: Sequence[np.ndarray] = ()) -> None:
-        import onnxruntime as ort
+        with tempfile.TemporaryDirectory(prefix="deeptransfer-ort-") as d:
+            path = save_network(module, Path(d), batch_size=batch_size, crop=crop,
+                                precision=precision, calibration=calibration)[0]
+            self._open(str(path), threads)
 
-        from ..models.export import export_prefix_onnx
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes], *, threads: int) -> "ONNXRuntimeBackend":
+        """A session of the ONNX file ``save_network`` wrote (its bytes, checked by the caller)."""
+        self = cls.__new__(cls)
+        self._open(files[FILES[0]], threads)
+        return self
+
+    def _open(self, model: str | bytes, threads: int) -> None:
+        import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, int(threads))
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: no "unused initializer" notes per worker
-        with tempfile.TemporaryDirectory(prefix="deeptransfer-ort-") as d:
-            path = export_prefix_onnx(module, Path(d) / "prefix.onnx", batch_size=batch_size,
-                                      crop=crop)
-            if precision == "int8":
-                path = quantize_int8(path, Path(d) / "prefix.int8.onnx", calibration)
-            self.session = ort.InferenceSession(str(path), opts,
-                                                providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {"image": x})[0], dtype=np.float32)
+
+
+def save_network(module: Any, folder: Path, *, batch_size: int, crop: int, precision: str,
+                 calibration: Sequence[np.ndarray] = ()) -> list[Path]:
+    """Export (and for int8 quantize) the prefix once into ``folder``: the files ``FILES``."""
+    from ..models.export import export_prefix_onnx
+
+    dst = folder / FILES[0]
+    with tempfile.TemporaryDirectory(prefix="deeptransfer-ort-") as d:
+        src = export_prefix_onnx(module, Path(d) / "float.onnx", batch_size=batch_size,
+                                 crop=crop)
+        if precision == "int8":
+            quantize_int8(src, dst, calibration)
+        else:
+            shutil.move(src, dst)
+    return [dst]
 
 
 def quantize_int8(src: Path, dst: Path, calibration: Sequence[np.ndarray]) -> Path:
@@ -61,7 +90,7 @@ def quantize_int8(src: Path, dst: Path, calibration: Sequence[np.ndarray]) -> Pa
             b = next(self.batches, None)
             return None if b is None else {"image": b}
 
-    pre = dst.with_name("prefix.pre.onnx")
+    pre = src.with_name("prefix.pre.onnx")
     quant_pre_process(str(src), str(pre))
     quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8,
