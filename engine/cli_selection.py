@@ -73,12 +73,14 @@ def _add_search(command: Callable[..., argparse.ArgumentParser]) -> None:
     s.add_argument("--metric", default="top1", choices=["top1", "mean_per_class"],
                    help="validation score that ranks the trials")
     s.add_argument("--selection", default="one-se", choices=["one-se", "best"],
-                   help="one-se (default): the best trial of the last rung replaces trial 0 "
+                   help="one-se: the best trial of the last rung replaces trial 0 "
                         "(the head `train` would train) only if it beats it on the validation "
                         "images by more than --selection-threshold standard errors of the "
-                        "paired difference (seeded bootstrap); best: the best validation score")
+                        "paired difference (seeded bootstrap); best: the best validation score "
+                        "(default: %(default)s)")
     s.add_argument("--selection-threshold", type=float, default=1.0, metavar="K",
-                   help="one-se: standard errors the best trial must beat trial 0 by (default 1)")
+                   help="one-se: standard errors the best trial must beat trial 0 by "
+                        "(default: %(default)s)")
     s.add_argument("--promote-by", default="score", choices=["score", "loss"],
                    help="what promotes trials between rungs: the validation --metric (score) "
                         "or the validation cross entropy (loss)")
