@@ -82,6 +82,45 @@ def read_file_ref(ref: str, storage_options: Mapping | None = None,
     return read_url(ref, storage_options, max_bytes)
 
 
+def cell_bytes(value: Any, reader: RefReader) -> bytes:
+    """The encoded bytes of a table's image cell: bytes, or Hugging Face's ``Image()``
+    struct ``{"bytes", "path"}`` (a cell with only a path, as ``imagefolder`` keeps local
+    files, is read as that file), at most ``reader.max_bytes`` long."""
+    if isinstance(value, dict):
+        data, where = value.get("bytes"), value.get("path")
+        if data is None and where:
+            return read_file_ref(where, reader.storage_options, reader.max_bytes)
+        value = data
+    if value is None:
+        raise FileRefusedError("no image bytes (null)")
+    if isinstance(value, str):
+        raise FileRefusedError("the image column holds text, not bytes")
+    return check_size(bytes(value), reader.max_bytes)
+
+
+class ListedOnDriver:
+    """For a source listed when it was given (a DataFrame, a loaded Dataset): its
+    ``listing`` stays on the driver; the copy a worker gets with the featurize spec has
+    none (workers read refs, not rows)."""
+
+    listing: "Listing | None"
+
+    def check(self, storage_options: Mapping | None = None) -> None:
+        pass
+
+    def list(self, storage_options: Mapping | None = None) -> "Listing":
+        assert self.listing is not None
+        return self.listing
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["listing"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
 def check_size(data: bytes, max_bytes: int) -> bytes:
     """``data`` unless it is longer than ``max_bytes`` (the cap a file read has too)."""
     if len(data) > max_bytes:

@@ -9,16 +9,16 @@ it and featurized as the Parquet source: ``df.write.parquet(url)`` then
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import InvalidParameterError
-from .base import Listing, Source, add_row
+from .base import ListedOnDriver, Listing, Source, add_row
 from .manifest import URI_COLUMNS, pick_column
 from .parquet import IMAGE_COLUMNS
 
 
 @dataclass(frozen=True)
-class FrameSource(Source):
+class FrameSource(ListedOnDriver, Source):
     """The rows of a DataFrame, collected when it was given; refs are file paths/URLs.
     The listing is kept out of the spec the workers get (``compare=False``, not pickled)."""
 
@@ -32,20 +32,6 @@ class FrameSource(Source):
         return {"uri_column": self.uri_column, "label_column": self.label_column,
                 "split_column": self.split_column}
 
-    def check(self, storage_options: Mapping | None = None) -> None:
-        pass
-
-    def list(self, storage_options: Mapping | None = None) -> Listing:
-        assert self.listing is not None
-        return self.listing
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["listing"] = None  # workers read refs; the rows stay on the driver
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
 
 def _collect(df: Any, columns: list[str]) -> dict[str, list]:

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 from ..errors import InvalidParameterError
 from ..fs import DEFAULT_MAX_IMAGE_BYTES, FileRefusedError
-from .base import Listing, RefReader, Source, add_row, check_size, read_file_ref, split_name
+from .base import (ListedOnDriver, Listing, RefReader, Source, add_row, cell_bytes,
+                   split_name)
 from .manifest import pick_column
 from .parquet import IMAGE_COLUMNS
 
@@ -130,7 +131,7 @@ def list_dataset(ds: Any, split: str | None, listing: Listing, *, image_column: 
 
 
 @dataclass(frozen=True)
-class HFDatasetSource(Source):
+class HFDatasetSource(ListedOnDriver, Source):
     """The rows of a loaded Dataset / DatasetDict, listed when it was given; refs are
     ``ARROW_FILE#ROW``. The listing stays on the driver (not pickled to the workers)."""
 
@@ -143,13 +144,6 @@ class HFDatasetSource(Source):
     def options(self) -> dict[str, Any]:
         return {"image_column": self.image_column, "label_column": self.label_column}
 
-    def check(self, storage_options: Mapping | None = None) -> None:
-        pass
-
-    def list(self, storage_options: Mapping | None = None) -> Listing:
-        assert self.listing is not None
-        return self.listing
-
     @property
     def root(self) -> str:
         import os
@@ -159,14 +153,6 @@ class HFDatasetSource(Source):
     def reader(self, storage_options: Mapping | None = None,
                max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> RefReader:
         return ArrowReader(self.image_column, storage_options, max_bytes)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["listing"] = None  # workers read refs; the rows stay on the driver
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
 
 class ArrowReader(RefReader):
@@ -200,18 +186,7 @@ class ArrowReader(RefReader):
                 from None
         except (OSError, ValueError) as exc:  # a file gone or damaged since the listing
             raise FileRefusedError(f"unreadable Arrow file: {exc}") from None
-        if isinstance(value, dict):  # Image(): {"bytes": ..., "path": ...}
-            data, where = value.get("bytes"), value.get("path")
-            if data is None:
-                if not where:
-                    raise FileRefusedError("no image bytes (null)")
-                return read_file_ref(where, self.storage_options, self.max_bytes)
-            value = data
-        if value is None:
-            raise FileRefusedError("no image bytes (null)")
-        if isinstance(value, str):
-            raise FileRefusedError("the image column holds text, not bytes")
-        return check_size(bytes(value), self.max_bytes)
+        return cell_bytes(value, self)
 
     def close(self) -> None:
         if self._open is not None:

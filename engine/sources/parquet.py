@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 from ..errors import DatasetNotFoundError, InvalidParameterError
 from ..fs import DEFAULT_MAX_IMAGE_BYTES, FileRefusedError, show_name, url_to_fs
-from .base import Listing, RefReader, Source, add_row, check_size, natural_key
+from .base import Listing, RefReader, Source, add_row, cell_bytes, natural_key
 from .manifest import _pyarrow_parquet, pick_column
 
 IMAGE_COLUMNS = ("content", "image", "image_bytes", "bytes")
@@ -186,13 +186,7 @@ class ParquetReader(RefReader):
                 from None
         except (OSError, ValueError) as exc:  # a damaged file or row group
             raise FileRefusedError(f"unreadable Parquet row group: {exc}") from None
-        if isinstance(value, dict):  # Hugging Face's Image(): {"bytes": ..., "path": ...}
-            value = value.get("bytes")
-        if value is None:
-            raise FileRefusedError("no image bytes (null)")
-        if isinstance(value, str):
-            raise FileRefusedError("the image column holds text, not bytes")
-        return check_size(bytes(value), self.max_bytes)
+        return cell_bytes(value, self)
 
     def close(self) -> None:
         if self._file is not None:
