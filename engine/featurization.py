@@ -217,12 +217,15 @@ def read_bytes(path: str, storage_options: Mapping | None = None, *,
 
 def load_image(path: str, target_short_side: int,
                storage_options: Mapping | None = None, *,
-               max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
-    """Read and decode one image; raises ImageDecodeError or OSError with a reason."""
+               max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+               read: Callable[[str], bytes] | None = None) -> np.ndarray:
+    """Read and decode one image; raises ImageDecodeError or OSError with a reason.
+    ``read``: a source reader's ``read`` for refs that are not files (``ref_reader``)."""
     from .kernels import decode_image
 
-    return decode_image(read_bytes(path, storage_options, max_bytes=max_bytes),
-                        target_short_side=target_short_side)
+    data = read(path) if read is not None else read_bytes(path, storage_options,
+                                                          max_bytes=max_bytes)
+    return decode_image(data, target_short_side=target_short_side)
 
 
 def _reason(exc: BaseException) -> str:
@@ -343,11 +346,9 @@ def featurize_sources(runner: _Runner, sources: Sequence[Any], *, views: str = "
                     raise ValueError("no image (null value)")
                 if isinstance(src, (bytes, bytearray, memoryview)):
                     images.append(decode_image(bytes(src), target_short_side=side))
-                elif read is not None:
-                    images.append(decode_image(read(str(src)), target_short_side=side))
                 else:
                     images.append(load_image(str(src), side, storage_options,
-                                             max_bytes=max_image_bytes))
+                                             max_bytes=max_image_bytes, read=read))
                 rows.append(r)
             except Exception as exc:  # noqa: BLE001 - every bad file is skipped with its reason
                 reasons[r] = _reason(exc)
@@ -427,13 +428,8 @@ def featurize_views(runner: _Runner, paths: Sequence[str], image_rows: np.ndarra
                 stop += 1
             t0 = time.perf_counter()
             try:  # one decode for the image's views in this chunk
-                if read is not None:
-                    from .kernels import decode_image
-
-                    img = decode_image(read(str(paths[r])), target_short_side=pp.resize)
-                else:
-                    img = load_image(str(paths[r]), pp.resize, storage_options,
-                                     max_bytes=max_image_bytes)
+                img = load_image(str(paths[r]), pp.resize, storage_options,
+                                 max_bytes=max_image_bytes, read=read)
             except Exception as exc:  # noqa: BLE001 - as its image: skipped with the reason
                 for q in range(r, stop):
                     reasons[q] = _reason(exc)
@@ -453,13 +449,14 @@ def featurize_views(runner: _Runner, paths: Sequence[str], image_rows: np.ndarra
 
 
 @contextmanager
-def _ref_reader(spec: FeaturizeSpec) -> Iterator[Any]:
-    """The chunk's reader of refs from ``spec.source`` (None: refs are files, read by path)."""
-    src = spec.source
-    if src is None or src.reads_files:
+def ref_reader(source: Any, storage_options: Mapping | None,
+               max_bytes: int) -> Iterator[Any]:
+    """A reader of ``source``'s refs, closed afterwards (None: refs are files, read by
+    path): what a chunk, or the int8 calibration sample, reads its images through."""
+    if source is None or source.reads_files:
         yield None
         return
-    reader = src.reader(spec.options, spec.max_image_bytes)
+    reader = source.reader(storage_options, max_bytes)
     try:
         yield reader
     finally:
@@ -479,7 +476,8 @@ def featurize_chunk(chunk: int, spec: FeaturizeSpec) -> ChunkResult:
     res = ChunkResult(chunk=chunk, n_ok=0)
     image_rows, views = store.chunk_views(chunk)
     center = np.flatnonzero(views == 0)
-    with _ref_reader(spec) as reader:  # the source's reader: it keeps its file open
+    # the source's reader: it keeps its file open
+    with ref_reader(spec.source, spec.options, spec.max_image_bytes) as reader:
         read = reader.read if reader is not None else None
         feats, reasons = featurize_sources(runner, [paths[i] for i in center],
                                            views=spec.views, storage_options=spec.options,

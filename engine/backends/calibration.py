@@ -45,27 +45,18 @@ def calibration_batches(runner: Any, paths: Sequence[str], storage_options: Any 
     static size (a last partial batch is filled with the sample's first images again).
     ``source``: the store's ``deeptransfer.sources.Source``, whose reader turns a ref into
     bytes where the refs are not files (None: they are)."""
-    from ..featurization import DEFAULT_MAX_IMAGE_BYTES, load_image, preprocess_batch
-    from ..kernels import decode_image
+    from ..featurization import DEFAULT_MAX_IMAGE_BYTES, load_image, preprocess_batch, ref_reader
 
     limit = max_bytes or DEFAULT_MAX_IMAGE_BYTES
-    reader = None if source is None or source.reads_files else source.reader(storage_options,
-                                                                              limit)
     images = []
-    try:
+    with ref_reader(source, storage_options, limit) as reader:
+        read = reader.read if reader is not None else None
         for p in paths:
             try:
-                if reader is not None:
-                    images.append(decode_image(reader.read(str(p)),
-                                               target_short_side=runner.pp.resize))
-                else:
-                    images.append(load_image(p, runner.pp.resize, storage_options,
-                                             max_bytes=limit))
+                images.append(load_image(str(p), runner.pp.resize, storage_options,
+                                         max_bytes=limit, read=read))
             except Exception:  # noqa: BLE001 - a bad file is skipped here as in featurize
                 continue
-    finally:
-        if reader is not None:
-            reader.close()
     if not images:
         raise InvalidParameterError("precision 'int8': none of the calibration images could "
                                     "be read", param="precision")
