@@ -39,3 +39,11 @@ def dumps(obj: Any, **kw: Any) -> str:
 def dump(obj: Any, fp: IO[str], **kw: Any) -> None:
     """``json.dump`` of ``finite(obj)``; never NaN or Infinity in the file."""
     json.dump(finite(obj), fp, allow_nan=False, **kw)
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads`` that refuses NaN and Infinity, as standard JSON does (Python's
+    parser accepts them): how tests and readers check what ``dumps`` wrote."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)

@@ -87,20 +87,16 @@ def test_empty_split_is_an_error_naming_the_splits(trained, capsys, no_engine):
     assert "--split" in line
 
 
-def _strict_json(text: str):
-    def refuse(name):
-        raise ValueError(f"not JSON: {name}")
-    return json.loads(text, parse_constant=refuse)
 
 
 def test_json_output_is_strict_json_with_the_k_in_the_top_k_key(trained, capsys):
     _, store, model = trained
     rc, out, _ = run(["evaluate", model, store, "--split", "val", "--json", "--workers", "0"],
                      capsys)
-    m = _strict_json(out)
+    m = jsonutil.loads(out)
     assert rc == 0 and m["top_k"] == 2 and "top2" in m and "top5" not in m
     rc, out, _ = run(["info", store, "--json"], capsys)
-    assert rc == 0 and _strict_json(out)["rows"] == 6
+    assert rc == 0 and jsonutil.loads(out)["rows"] == 6
     saved = json.loads((model / "config.json").read_text())["metrics"]
     assert "val_top2" in saved["best"] and "top2" in saved["validation"]
 
@@ -108,7 +104,7 @@ def test_json_output_is_strict_json_with_the_k_in_the_top_k_key(trained, capsys)
 def test_jsonutil_maps_non_finite_numbers_to_null():
     obj = {"a": math.nan, "b": [np.float32("inf"), -math.inf, 1.5], "c": np.array([np.nan, 2.0])}
     text = jsonutil.dumps(obj)
-    assert _strict_json(text) == {"a": None, "b": [None, None, 1.5], "c": [None, 2.0]}
+    assert jsonutil.loads(text) == {"a": None, "b": [None, None, 1.5], "c": [None, 2.0]}
 
 
 def test_the_cli_prints_json_only_through_jsonutil():
@@ -237,7 +233,7 @@ def test_train_prints_reuse_and_warnings(monkeypatch, capsys, tmp_path):
     assert "warning              no val split: early stopping is off" in out
     assert "3 (epochs are numbered from 0)" in out
     rc, out, _ = run(["train", tmp_path / "s", tmp_path / "m", "--json"], capsys)
-    got = _strict_json(out)
+    got = jsonutil.loads(out)
     assert got["reused"] is True and got["warnings"] == res.warnings and got["best_epoch"] == 3
 
 
@@ -257,7 +253,7 @@ def test_predict_expands_folders_writes_files_and_documents_its_exit_code(traine
     (photos / "broken.png").write_bytes(b"\x89PNG broken")
     out_jsonl = tmp_path / "p.jsonl"
     rc, out, _ = run(["predict", model, photos, "--output", out_jsonl], capsys)
-    rows = [_strict_json(ln) for ln in out_jsonl.read_text().splitlines()]
+    rows = [jsonutil.loads(ln) for ln in out_jsonl.read_text().splitlines()]
     assert rc == 1 and len(rows) == 4 and sum(r["error"] is not None for r in rows) == 1
     assert "4 predictions" in out and "1 failed" in out
     out_csv = tmp_path / "p.csv"

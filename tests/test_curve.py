@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from deeptransfer import jsonutil
 from deeptransfer.cli import main
 from deeptransfer.errors import InvalidParameterError
 from deeptransfer.selection.curve import run_curve, subsets
@@ -83,8 +84,7 @@ def test_the_curve_grows_and_writes_its_files(blobs, tmp_path):
         runs = [r["test_top1"] for r in res.runs if r["size"] == p["size"]]
         assert p["test_top1_mean"] == pytest.approx(np.mean(runs))
         assert p["test_top1_std"] == pytest.approx(np.std(runs))
-    data = json.loads((out / "curve.json").read_text(),
-                      parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    data = jsonutil.loads((out / "curve.json").read_text())
     assert data["format"] == "deeptransfer.curve/1" and len(data["points"]) == 3
     lines = (out / "curve.csv").read_text().splitlines()
     assert len(lines) == 4 and "test_top1_std" in lines[0]

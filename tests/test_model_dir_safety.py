@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deeptransfer import jsonutil
 import deeptransfer as dt
 from deeptransfer.cli import main
 from deeptransfer.dataset import Manifest
@@ -319,10 +320,6 @@ def test_a_damaged_checkpoint_says_use_no_resume(store, model_dir, capsys, damag
 # item 11 (training side): non-finite rounds stop training and are never saved
 
 
-def _strict_json(line: str):
-    def no(c):
-        raise AssertionError(f"non-finite number {c} in {line!r}")
-    return json.loads(line, parse_constant=no)
 
 
 def _assert_last_good_checkpoint(d: Path, rounds: int) -> None:
@@ -331,7 +328,7 @@ def _assert_last_good_checkpoint(d: Path, rounds: int) -> None:
     for arrays in (params, opt or {}, best or {}):
         assert all(np.isfinite(v).all() for v in arrays.values())
     lines = (d / "rounds.jsonl").read_text().splitlines() if rounds else []
-    assert [_strict_json(ln)["global_round"] for ln in lines] == list(range(rounds))
+    assert [jsonutil.loads(ln)["global_round"] for ln in lines] == list(range(rounds))
     assert not (d / "head.safetensors").exists() and not (d / "config.json").exists()
 
 
@@ -438,7 +435,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_ends_as_an_unbroken_run(store, tm
     load_checkpoint(str(d / "checkpoint.safetensors"))  # still a valid checkpoint
     if (d / "rounds.jsonl").exists():  # whole lines only (a rerun drops those ahead of it)
         assert (d / "rounds.jsonl").read_text().endswith("\n")
-        [_strict_json(line) for line in (d / "rounds.jsonl").read_text().splitlines()]
+        [jsonutil.loads(line) for line in (d / "rounds.jsonl").read_text().splitlines()]
     res = train(store, d)
     assert_params_equal(res.params, whole.params)
     assert_params_equal(dt.load(str(d)).params, dt.load(str(tmp_path / "whole")).params)

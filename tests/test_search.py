@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from deeptransfer import jsonutil
 from deeptransfer.errors import InvalidParameterError, StoreError
 from deeptransfer.selection import halving
 from deeptransfer.selection.search import RESULTS_CSV, RESULTS_JSON, run_search
@@ -35,10 +36,6 @@ def _fresh_caches():
     yield
 
 
-def _strict_json(text):
-    def bad(c):
-        raise AssertionError(f"non-JSON constant {c}")
-    return json.loads(text, parse_constant=bad)
 
 
 def _trials(heads, opts, smoothing, *, epochs, stop=None, start=0, seed=3):
@@ -280,12 +277,12 @@ def test_search_halves_ranks_and_retrains_the_best(blobs, tmp_path):
     assert best["trial"] == res.best["trial"] and best["rung_reached"] == 2
     assert best["val_score"] == max(r["val_score"] for r in res.results if r["rung_reached"] == 2)
     # the results table, as CSV and as strict JSON
-    data = _strict_json((out / RESULTS_JSON).read_text())
+    data = jsonutil.loads((out / RESULTS_JSON).read_text())
     assert data["format"] == "deeptransfer.search/1" and len(data["results"]) == 12
     assert data["best"]["trial"] == res.best["trial"]
     lines = (out / RESULTS_CSV).read_text().splitlines()
     assert len(lines) == 13 and lines[0].startswith("trial,rank,baseline,selected,param_head")
-    best_cfg = _strict_json((out / "best_config.json").read_text())
+    best_cfg = jsonutil.loads((out / "best_config.json").read_text())
     assert best_cfg["head"] == res.best["train_config"]["head"]
     # the best trial's configuration, trained again with parameter averaging on 2 workers
     tr = res.train_result

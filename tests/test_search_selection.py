@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from deeptransfer import jsonutil
 from deeptransfer.errors import InvalidParameterError
 from deeptransfer.selection import halving
 from deeptransfer.selection.paired import choose, metric_value, paired_difference
@@ -39,10 +40,6 @@ def _fresh_caches():
     yield
 
 
-def _strict_json(text):
-    def bad(c):
-        raise AssertionError(f"non-JSON constant {c}")
-    return json.loads(text, parse_constant=bad)
 
 
 def _val_labels(url):
@@ -125,7 +122,7 @@ def test_the_search_keeps_the_incumbent_when_the_threshold_says_noise(blobs, tmp
 
 def test_the_recorded_differences_are_the_direct_computation(blobs, tmp_path):
     res = _search(blobs, tmp_path / "s", metric="mean_per_class")
-    data = _strict_json((tmp_path / "s" / RESULTS_JSON).read_text())
+    data = jsonutil.loads((tmp_path / "s" / RESULTS_JSON).read_text())
     y, n_classes = _val_labels(blobs)
     fin = {f["trial"]: f for f in data["selection"]["finalists"]}
     rows = {r["trial"]: r for r in data["results"]}
@@ -216,7 +213,7 @@ def test_the_cli_flags(blobs, tmp_path, capsys):
             "--batch-size-per-worker", "8", "--json"]
     assert main(argv + ["--selection", "best", "--promote-by", "loss"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    data = _strict_json((out / RESULTS_JSON).read_text())
+    data = jsonutil.loads((out / RESULTS_JSON).read_text())
     assert data["selection"]["rule"] == "best" and data["promote_by"] == "loss"
     assert summary["best_trial"] == data["selection"]["leader"]
     assert summary["selection_reason"].startswith("best validation score")
