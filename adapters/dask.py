@@ -81,6 +81,9 @@ WAIT_FOR_WORKERS_S = 60.0
 WATCH_S = 2.0
 #: how often one task may be resubmitted because the scattered ``shared`` value was lost
 _MAX_SHARED_LOSSES = 3
+#: attempts at broadcasting a job's ``shared`` value: a worker that dies while receiving it
+#: fails the scatter (CommClosedError, an OSError) until the scheduler has removed it
+_SHARE_ATTEMPTS = 10
 
 
 def _pickled_size(value: Any) -> int | None:
@@ -409,7 +412,14 @@ class DaskExecutor(Executor):
         size = _pickled_size(shared)
         if size is not None and size * n_tasks <= INLINE_SHARED_BYTES:
             return shared
-        return self._client.scatter([shared], broadcast=True, hash=False)[0]
+        for attempt in range(_SHARE_ATTEMPTS):
+            try:
+                return self._client.scatter([shared], broadcast=True, hash=False)[0]
+            except OSError:  # a worker died while receiving it: again to the live workers
+                if attempt == _SHARE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))  # for the scheduler to notice the dead worker
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _run(self, fn: Callable[..., Any], tasks: list[Any], shared: Any,
              affinity: Sequence[int] | None, *, fetch: bool) -> Iterator[tuple[int, Any]]:

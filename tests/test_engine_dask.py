@@ -160,6 +160,25 @@ def test_large_shared_is_sent_once_and_reaches_every_task(executor):
     assert out == {i: float(big.sum()) + i for i in range(6)}
 
 
+def test_a_worker_dying_during_the_shared_broadcast_is_retried(executor, monkeypatch):
+    # CI: a worker killed mid-training failed the next job's scatter with CommClosedError
+    from distributed.comm.core import CommClosedError
+
+    client = executor.client
+    real, calls = client.scatter, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise CommClosedError("in <TCP (closed) ConnectionPool.update_data>: reset by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client, "scatter", flaky)
+    big = np.arange(200_000, dtype=np.float32)
+    out = dict(executor.map_unordered(_sum_shared, list(range(4)), shared=big))
+    assert out == {i: float(big.sum()) + i for i in range(4)} and len(calls) == 2
+
+
 def test_map_reduce_tree_on_workers_equals_local_tree(executor):
     # more tasks than DRIVER_REDUCE_MAX: the pairwise tree runs as combine tasks on workers,
     # and must be the local engine's tree exactly (float32 sums are order-dependent)
