@@ -412,14 +412,15 @@ class DaskExecutor(Executor):
         size = _pickled_size(shared)
         if size is not None and size * n_tasks <= INLINE_SHARED_BYTES:
             return shared
-        for attempt in range(_SHARE_ATTEMPTS):
+        failures = 0
+        while True:
             try:
                 return self._client.scatter([shared], broadcast=True, hash=False)[0]
             except OSError:  # a worker died while receiving it: again to the live workers
-                if attempt == _SHARE_ATTEMPTS - 1:
+                failures += 1
+                if failures == _SHARE_ATTEMPTS:
                     raise
-                time.sleep(0.1 * (attempt + 1))  # for the scheduler to notice the dead worker
-        raise AssertionError("unreachable")  # pragma: no cover
+                time.sleep(0.1 * failures)  # for the scheduler to notice the dead worker
 
     def _run(self, fn: Callable[..., Any], tasks: list[Any], shared: Any,
              affinity: Sequence[int] | None, *, fetch: bool) -> Iterator[tuple[int, Any]]:
