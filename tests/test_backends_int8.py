@@ -79,3 +79,46 @@ def test_int8_store_is_the_same_on_0_and_2_workers_and_refuses_a_float_resume(ph
                   calibration_images=5)
     assert featurize(photos, tmp_path / "a.zarr", backend="openvino", precision="int8",
                      calibration_images=6).reused
+
+
+def test_onnxruntime_calibrates_one_image_per_run_to_the_same_network(tmp_path, monkeypatch):
+    """ORT's MinMax calibration's memory grows with the images per run (lite0: ~120 MB each,
+    4.7 GB at batch 32), so the job's network is calibrated one image at a time on a batch-1
+    export -- and is byte for byte the network calibrated at its own batch size."""
+    import torch
+    from onnxruntime.quantization import calibrate
+
+    from deeptransfer.backends import onnxruntime_backend as ortb
+    from deeptransfer.models.export import export_prefix_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval()
+    rng = np.random.default_rng(0)
+    # batches of different spreads: ranges from any one image or batch alone would differ
+    batches = [rng.normal(0, s, (4, 16, 16, 3)).astype(np.float32) for s in (1, 3, 0.5, 2)]
+
+    runs: list[int] = []  # images in each of the calibration's inference runs
+    collect = calibrate.MinMaxCalibrater.collect_data
+
+    def counted(self, reader):
+        class Counting:
+            def get_next(_):
+                x = reader.get_next()
+                if x is not None:
+                    runs.append(len(x["image"]))
+                return x
+        return collect(self, Counting())
+
+    monkeypatch.setattr(calibrate.MinMaxCalibrater, "collect_data", counted)
+    ortb.save_network(net, tmp_path, batch_size=4, crop=16, precision="int8",
+                      calibration=batches)
+    assert runs == [1] * 16
+    got = (tmp_path / ortb.FILES[0]).read_bytes()
+
+    runs.clear()
+    src = export_prefix_onnx(net, tmp_path / "float.onnx", batch_size=4, crop=16)
+    want = ortb.quantize_int8(src, tmp_path / "whole.onnx", batches)  # at its own batch
+    assert runs == [4] * 4
+    assert got == want.read_bytes()
